@@ -1,0 +1,69 @@
+"""`python -m training_job train ...`: the training Job's entrypoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from training_job.cli import parse_train_command
+from training_job.result import write_termination_message
+
+EXIT_TRACKING_UNAVAILABLE = 3
+EXIT_BAD_DATA = 4
+EXIT_EXPORT_MISMATCH = 5
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command = parse_train_command(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # TensorFlow's C++ start-up chatter would bury the per-epoch progress lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training_job.data import DataError
+    from training_job.export import ExportMismatchError
+    from training_job.train import TrackingUnavailableError, TrainOptions, train
+
+    tracking_uri = command.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri:
+        print(
+            "error: no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass --tracking-uri", file=sys.stderr
+        )
+        return EXIT_TRACKING_UNAVAILABLE
+    options = TrainOptions(
+        spec=command.spec,
+        run_name=command.run_name,
+        tags=command.tags,
+        trainingrun=command.trainingrun,
+        data_path=command.data_path,
+        max_train_samples=command.max_train_samples,
+    )
+    try:
+        result = train(options, tracking_uri)
+        if command.promote:
+            from training_job.runner import apply_promotion
+
+            result = apply_promotion(result, command.spec, tracking_uri)
+    except TrackingUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_TRACKING_UNAVAILABLE
+    except DataError as error:
+        print(f"error: bad training data: {error}", file=sys.stderr)
+        return EXIT_BAD_DATA
+    except ExportMismatchError as error:
+        print(f"error: ONNX export does not match Keras: {error}", file=sys.stderr)
+        return EXIT_EXPORT_MISMATCH
+    text = result.to_json()
+    write_termination_message(result)
+    if command.result_file is not None:
+        command.result_file.write_text(text)
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""One training run: data → model → MLflow run → registered ONNX version → TrainingResult.
+
+This is the code path of the Kubernetes Job and of the local runner alike.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from training_job.cli import TrainingRunRef
+from training_job.data import Dataset, Split, load_dataset
+from training_job.result import TrainingResult
+from training_job.spec import TrainingRunSpec
+
+log = logging.getLogger("training_job")
+
+KERAS_ARTIFACT_PATH = "keras-model"
+TRAININGRUN_TAGS = ("trainingrun.name", "trainingrun.namespace", "trainingrun.uid")
+
+
+class TrackingUnavailableError(RuntimeError):
+    """MLflow cannot be reached; the run cannot be recorded, so it must not start."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    spec: TrainingRunSpec
+    run_name: str | None = None
+    tags: Mapping[str, str] | None = None
+    trainingrun: TrainingRunRef = field(default_factory=TrainingRunRef)
+    data_path: Path | None = None
+    max_train_samples: int | None = None
+
+
+def check_tracking_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    """Fails fast, with the address in the message, instead of MLflow's long retry loop."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            raise TrackingUnavailableError(
+                f"MLflow at {tracking_uri} answered /health with {response.status}"
+            )
+    except (urllib.error.URLError, OSError) as error:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server at {tracking_uri} is unreachable: {error}"
+        ) from error
+
+
+def make_train_dataset(split: Split, batch_size: int, seed: int, augment: bool) -> Any:
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    dataset = dataset.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if augment:
+        # Shifts of up to two pixels: the digit stays whole, and the model learns position invariance.
+        def shift(images: Any, labels: Any) -> tuple[Any, Any]:
+            padded = tf.pad(images, [[0, 0], [2, 2], [2, 2], [0, 0]])
+            return tf.image.random_crop(padded, tf.shape(images), seed=seed), labels
+
+        dataset = dataset.map(shift, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_logger(epochs: int) -> Any:
+    import keras
+    import mlflow
+
+    class EpochLogger(keras.callbacks.Callback):  # type: ignore[misc]
+        """Per-epoch metrics to MLflow as they happen, so the operator can show progress mid-run."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.history: dict[str, list[float]] = {}
+            self.started = time.monotonic()
+
+        def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+            metrics = {key: float(value) for key, value in (logs or {}).items() if key != "learning_rate"}
+            for key, value in metrics.items():
+                self.history.setdefault(key, []).append(value)
+            mlflow.log_metrics(metrics, step=epoch)
+            mlflow.log_metric("epochs_completed", epoch + 1, step=epoch)
+            log.info(
+                "epoch %d/%d loss=%.4f accuracy=%.4f val_loss=%.4f val_accuracy=%.4f elapsed=%.1fs",
+                epoch + 1,
+                epochs,
+                metrics.get("loss", float("nan")),
+                metrics.get("accuracy", float("nan")),
+                metrics.get("val_loss", float("nan")),
+                metrics.get("val_accuracy", float("nan")),
+                time.monotonic() - self.started,
+            )
+
+    return EpochLogger()
+
+
+def _confusion_matrix(
+    labels: npt.NDArray[np.int64], predictions: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    matrix = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def _figures(history: Mapping[str, list[float]], matrix: npt.NDArray[np.int64]) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: pods and CI have no display
+    import matplotlib.pyplot as plt
+
+    curves, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "val_loss"):
+        loss_axis.plot(range(1, len(history.get(key, [])) + 1), history.get(key, []), marker="o", label=key)
+    for key in ("accuracy", "val_accuracy"):
+        accuracy_axis.plot(
+            range(1, len(history.get(key, [])) + 1), history.get(key, []), marker="o", label=key
+        )
+    for axis, title in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.legend()
+    curves.tight_layout()
+
+    confusion, axis = plt.subplots(figsize=(6, 5))
+    image = axis.imshow(matrix, cmap="Blues")
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_xticks(range(10))
+    axis.set_yticks(range(10))
+    for true in range(10):
+        for predicted in range(10):
+            value = int(matrix[true, predicted])
+            color = "white" if value > matrix.max() / 2 else "black"
+            axis.text(predicted, true, str(value), ha="center", va="center", fontsize=7, color=color)
+    confusion.colorbar(image)
+    axis.set_title("test confusion matrix")
+    confusion.tight_layout()
+    return curves, confusion
+
+
+def _model_summary(model: Any) -> str:
+    buffer = io.StringIO()
+    model.summary(print_fn=lambda line, **_: buffer.write(line + "\n"))
+    return buffer.getvalue()
+
+
+def _seed_everything(seed: int) -> None:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+
+
+def train(options: TrainOptions, tracking_uri: str) -> TrainingResult:
+    """Trains, evaluates, logs and registers. Raises on unreachable MLflow or bad data."""
+    spec, hyper = options.spec, options.spec.hyperparameters
+    # Both checks come before TensorFlow is imported, so a misconfigured Job fails in a second.
+    check_tracking_server(tracking_uri)
+    dataset: Dataset = load_dataset(
+        options.data_path, hyper.validation_split, hyper.seed, options.max_train_samples
+    )
+
+    import keras
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training_job.export import check_against_keras, to_onnx
+    from training_job.models import build_model, build_optimizer
+
+    log.info(
+        "data %s: train=%d validation=%d test=%d digest=%s",
+        dataset.source, len(dataset.train), len(dataset.validation), len(dataset.test), dataset.digest[:12],
+    )  # fmt: skip
+    _seed_everything(hyper.seed)
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.set_experiment(spec.experiment)
+    tags = {
+        "architecture": spec.architecture.value,
+        **{
+            key: value
+            for key, value in zip(
+                TRAININGRUN_TAGS,
+                (options.trainingrun.name, options.trainingrun.namespace, options.trainingrun.uid),
+                strict=True,
+            )
+            if value
+        },
+        **(options.tags or {}),
+    }
+    with mlflow.start_run(run_name=options.run_name, tags=tags) as run:
+        model = build_model(spec.architecture)
+        steps_per_epoch = -(-len(dataset.train) // hyper.batch_size)
+        model.compile(
+            optimizer=build_optimizer(hyper, steps_per_epoch),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        mlflow.log_params(
+            {
+                "architecture": spec.architecture.value,
+                "learning_rate": hyper.learning_rate,
+                "batch_size": hyper.batch_size,
+                "epochs": hyper.epochs,
+                "optimizer": hyper.optimizer.value,
+                "seed": hyper.seed,
+                "validation_split": hyper.validation_split,
+                "lr_schedule": hyper.lr_schedule,
+                "augment": hyper.augment,
+                "registered_model": spec.registered_model,
+                "train_samples": len(dataset.train),
+                "validation_samples": len(dataset.validation),
+                "test_samples": len(dataset.test),
+                "data_digest": dataset.digest,
+                "data_source": dataset.source,
+                "parameter_count": model.count_params(),
+            }
+        )
+        mlflow.log_text(_model_summary(model), "model_summary.txt")
+        epoch_logger = _epoch_logger(hyper.epochs)
+        started = time.monotonic()
+        model.fit(
+            make_train_dataset(dataset.train, hyper.batch_size, hyper.seed, hyper.augment),
+            validation_data=(dataset.validation.images, dataset.validation.labels),
+            epochs=hyper.epochs,
+            callbacks=[epoch_logger],
+            shuffle=False,  # the tf.data pipeline shuffles
+            verbose=0,
+        )
+        train_seconds = time.monotonic() - started
+
+        test_loss, test_accuracy = model.evaluate(
+            dataset.test.images, dataset.test.labels, batch_size=1000, verbose=0
+        )
+        probabilities = model.predict(dataset.test.images, batch_size=1000, verbose=0)
+        predictions = probabilities.argmax(axis=1).astype(np.int64)
+        matrix = _confusion_matrix(dataset.test.labels, predictions)
+        per_class = {
+            f"test_accuracy_digit_{digit}": float(matrix[digit, digit] / max(1, matrix[digit].sum()))
+            for digit in range(10)
+        }
+        final_metrics = {
+            "test_accuracy": float(test_accuracy),
+            "test_loss": float(test_loss),
+            "train_seconds": train_seconds,
+            "val_accuracy": epoch_logger.history.get("val_accuracy", [float("nan")])[-1],
+            **per_class,
+        }
+        mlflow.log_metrics(final_metrics)
+        curves, confusion = _figures(epoch_logger.history, matrix)
+        mlflow.log_figure(curves, "training_curves.png")
+        mlflow.log_figure(confusion, "confusion_matrix.png")
+        mlflow.log_dict({"labels": list(range(10)), "matrix": matrix.tolist()}, "confusion_matrix.json")
+        mlflow.log_dict(per_class, "per_class_accuracy.json")
+
+        example = dataset.test.images[:2]
+        signature = infer_signature(example, probabilities[:2])
+        keras_model_uri = _log_keras_model(model, signature, example)
+
+        proto = to_onnx(model)
+        check = check_against_keras(proto, model, dataset.test.images, dataset.test.labels)
+        mlflow.log_metrics(
+            {
+                "onnx_max_abs_diff": check.max_abs_diff,
+                "onnx_argmax_agreement": check.argmax_agreement,
+                "onnx_test_accuracy": check.onnx_accuracy,
+            }
+        )
+        onnx_info = mlflow.onnx.log_model(
+            proto,
+            name="onnx-model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=spec.registered_model,
+        )
+        version = str(onnx_info.registered_model_version)
+        client = mlflow.MlflowClient()
+        version_tags = {
+            "architecture": spec.architecture.value,
+            "test_accuracy": f"{test_accuracy:.6f}",
+            "source_run_id": run.info.run_id,
+            "keras_model_uri": keras_model_uri,
+            "data_digest": dataset.digest,
+            **{key: value for key, value in tags.items() if key.startswith("trainingrun.")},
+        }
+        for key, value in version_tags.items():
+            client.set_model_version_tag(spec.registered_model, version, key, value)
+        keras.backend.clear_session()
+
+    return TrainingResult(
+        run_id=run.info.run_id,
+        experiment_id=experiment.experiment_id,
+        registered_model=spec.registered_model,
+        model_version=version,
+        architecture=spec.architecture.value,
+        metrics={
+            key: round(value, 6)
+            for key, value in final_metrics.items()
+            if key in {"test_accuracy", "test_loss", "train_seconds", "val_accuracy"}
+        },
+        onnx_model_uri=onnx_info.model_uri,
+        keras_model_uri=keras_model_uri,
+    )
+
+
+def _log_keras_model(model: Any, signature: Any, example: npt.NDArray[np.float32]) -> str:
+    """Logs the Keras-flavor model with its signature and input example; returns its URI.
+
+    `mlflow.keras.log_model(input_example=...)` fails in `_save_example` with MLflow 3.17 (it writes
+    the example before creating the model directory), so the model is saved into a directory made
+    first and uploaded as run artifacts: the same MLmodel, loadable and servable from `runs:/`.
+    """
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, KERAS_ARTIFACT_PATH)
+        os.makedirs(path)
+        mlflow.keras.save_model(model, path, signature=signature, input_example=example)
+        mlflow.log_artifacts(path, artifact_path=KERAS_ARTIFACT_PATH)
+    run = mlflow.active_run()
+    assert run is not None, "called inside mlflow.start_run()"
+    return f"runs:/{run.info.run_id}/{KERAS_ARTIFACT_PATH}"
