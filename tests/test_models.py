@@ -38,8 +38,8 @@ def test_every_architecture_maps_images_to_probabilities(architecture: Architect
 def test_residual_bn_normalises_and_stays_small() -> None:
     model = build_model(Architecture.RESIDUAL_BN)
     kinds = {type(layer).__name__ for layer in model.layers}
-    assert {"BatchNormalization", "Add", "GlobalAveragePooling2D"} <= kinds
-    assert model.count_params() < 200_000
+    assert {"BatchNormalization", "Add"} <= kinds
+    assert model.count_params() < 100_000
 
 
 @pytest.mark.parametrize("optimizer", list(Optimizer))

@@ -60,9 +60,13 @@ def test_champion_alias_points_at_the_promoted_version(
     assert "no champion yet" in reason["promotion_reason"]
 
 
-def test_onnx_model_agrees_with_keras(registered_model: TrainingResult, mnist_path: Path) -> None:
+def test_onnx_model_agrees_with_keras(
+    registered_model: TrainingResult, mnist_path: Path, mlflow_server: MlflowServer
+) -> None:
     import mlflow
     import onnxruntime
+
+    mlflow.set_tracking_uri(mlflow_server.url)
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered_model.registered_model}@champion"))
     session = onnxruntime.InferenceSession(str(local / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -88,7 +88,9 @@ def start_mlflow_server(
         "--artifacts-destination", str(state_dir / "artifacts"),
         "--serve-artifacts",
     ]  # fmt: skip
-    environment = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    # The server's background job runner (huey consumers, for GenAI evaluation jobs) costs several
+    # processes and seconds of start-up; tracking and the registry do not use it.
+    environment = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     process = subprocess.Popen(
         command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=environment
     )
