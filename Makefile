@@ -14,12 +14,18 @@ PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR):$(CURDIR)/operator
 export MNIST_MLOPS_CACHE := $(CACHE_DIR)
 STATE_DIR ?= $(CURDIR)/.state
+KIND_CLUSTER ?= mnist-mlops
+IMAGE_TAG ?= dev
+K8S_NAMESPACE ?= mnist-mlops
+RELEASE ?= mnist-mlops
+IMAGES := training:training_job/Dockerfile serving:serving/Dockerfile operator:operator/Dockerfile
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps demo test lint typecheck bench bench-train bench-serve bench-operator k8s-tools clean
+.PHONY: help venv system-deps demo test lint bench bench-train bench-serve bench-operator k8s-tools clean
+.PHONY: kind-up images deploy port-forward undeploy
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 # flock: several make processes (parallel shells, CI) may ask for the same virtualenv at once.
 $(VENV)/.ready: requirements/*.txt
@@ -71,3 +77,44 @@ bench-train: $(VENV)/.ready ## Train every architecture on the full data set
 
 clean: ## Remove local state (MLflow data, caches in the checkout)
 	rm -rf $(STATE_DIR) .mypy_cache .ruff_cache .pytest_cache
+
+# ---- The cluster path (a laptop with docker, kind, kubectl and helm; see README "On a cluster") ----
+
+kind-up: ## Create the kind cluster with ingress-nginx and kube-prometheus-stack
+	kind get clusters | grep -qx '$(KIND_CLUSTER)' || kind create cluster --config manifests/kind-config.yaml
+	helm upgrade --install ingress-nginx ingress-nginx --repo https://kubernetes.github.io/ingress-nginx \
+		--namespace ingress-nginx --create-namespace -f manifests/ingress-nginx-values.yaml --wait --timeout 10m
+	helm upgrade --install monitoring kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts \
+		--namespace monitoring --create-namespace -f manifests/kube-prometheus-stack-values.yaml --wait --timeout 15m
+
+images: ## Build the training, serving and operator images and load them into the kind cluster
+	for pair in $(IMAGES); do \
+		docker build -f "$${pair#*:}" -t "mnist-mlops/$${pair%%:*}:$(IMAGE_TAG)" . ; \
+	done
+	kind load docker-image --name '$(KIND_CLUSTER)' \
+		mnist-mlops/training:$(IMAGE_TAG) mnist-mlops/serving:$(IMAGE_TAG) mnist-mlops/operator:$(IMAGE_TAG)
+
+# No `helm --wait`: serving turns ready only once a model is promoted, so wait on the TrainingRun instead.
+deploy: ## Install the chart into a restricted namespace and wait for the first model to be served
+	kubectl create namespace '$(K8S_NAMESPACE)' --dry-run=client -o yaml | kubectl apply -f -
+	kubectl label namespace '$(K8S_NAMESPACE)' --overwrite \
+		pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted
+	kubectl apply --server-side -f charts/mnist-mlops/crds/
+	helm upgrade --install '$(RELEASE)' charts/mnist-mlops --namespace '$(K8S_NAMESPACE)' \
+		-f manifests/values-local.yaml --set operator.image.tag=$(IMAGE_TAG) \
+		--set operator.training.image.tag=$(IMAGE_TAG) --set serving.image.tag=$(IMAGE_TAG)
+	kubectl -n '$(K8S_NAMESPACE)' rollout status deployment/$(RELEASE)-mlflow --timeout=10m
+	kubectl -n '$(K8S_NAMESPACE)' rollout status deployment/$(RELEASE)-operator --timeout=5m
+	kubectl -n '$(K8S_NAMESPACE)' wait trainingrun/mnist-first-run --for=jsonpath='{.status.phase}'=Promoted --timeout=30m
+	kubectl -n '$(K8S_NAMESPACE)' rollout status deployment/$(RELEASE)-serving --timeout=10m
+
+port-forward: ## Serving on 127.0.0.1:8000, MLflow on :5000, Grafana on :3000 (Ctrl-C stops all three)
+	trap 'kill 0' EXIT; \
+	kubectl -n '$(K8S_NAMESPACE)' port-forward service/$(RELEASE)-serving 8000:80 & \
+	kubectl -n '$(K8S_NAMESPACE)' port-forward service/$(RELEASE)-mlflow 5000:5000 & \
+	kubectl -n monitoring port-forward service/monitoring-grafana 3000:80 & \
+	wait
+
+undeploy: ## Uninstall the chart and delete its namespace (and with it the MLflow volume)
+	-helm uninstall '$(RELEASE)' --namespace '$(K8S_NAMESPACE)' --wait
+	kubectl delete namespace '$(K8S_NAMESPACE)' --ignore-not-found

@@ -52,7 +52,7 @@ def format_table(outcomes: Sequence[RunOutcome], champion_version: str | None) -
         lines.append(
             f"{outcome.name:<13}{outcome.spec.architecture.value:<13}{hyper.learning_rate:>8g}"
             f"{hyper.batch_size:>7}{hyper.epochs:>7}{result.metrics['test_accuracy']:>10.4f}"
-            f"{result.metrics['train_seconds']:>9.1f}{result.model_version:>9}{marker:<2}"
+            f"{result.metrics['train_seconds']:>9.1f}{result.model_version:>9}{marker:<3}"
             f"{decision}: {result.promotion_reason}"
         )
     lines.append(f"* = version now aliased '{CHAMPION_ALIAS}'")
@@ -104,7 +104,7 @@ def predict_one_test_image(url: str) -> str:
 
     arrays, _ = load_raw(None)
     image, label = arrays["x_test"][0], int(arrays["y_test"][0])
-    body = json.dumps({"image": np.asarray(image).tolist()}).encode()
+    body = json.dumps({"pixels": np.asarray(image).tolist()}).encode()
     request = urllib.request.Request(
         f"{url}/predict", data=body, headers={"Content-Type": "application/json"}, method="POST"
     )
@@ -150,7 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = outcomes[-1].result.registered_model
         champion = alias_version(MlflowClient(mlflow.url), model)
         print("\n" + format_table(outcomes, champion) + "\n")
-        print(f"MLflow UI: {mlflow.url}/#/models/{model}  (champion: version {champion})")
+        print(f"MLflow UI: {mlflow.url}/#/models/{model}")
+        if champion is None:
+            print("No version has passed the promotion gate yet, so there is nothing to serve.")
+        else:
+            print(f"Champion: {model} version {champion}")
         if not args.no_serve and champion is not None:
             serving, url = start_serving(mlflow, model, state_dir)
             print(f"Prediction service: {url}/  (API docs: {url}/docs, metrics: {url}/metrics)")
