@@ -75,6 +75,9 @@ bench: bench-train bench-serve bench-operator ## All benchmarks (tables on stdou
 bench-train: $(VENV)/.ready ## Train every architecture on the full data set
 	$(PY) -m bench.train
 
+bench-serve: $(VENV)/.ready system-deps ## Serving vs `mlflow models serve` and naive FastAPI+Keras under wrk
+	$(PY) -m bench.serve
+
 clean: ## Remove local state (MLflow data, caches in the checkout)
 	rm -rf $(STATE_DIR) .mypy_cache .ruff_cache .pytest_cache
 

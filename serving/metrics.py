@@ -1,0 +1,195 @@
+"""Prometheus metrics of the prediction service.
+
+`EXPORTED_METRICS` lists every `mnist_*` family as it appears on `# TYPE` lines of `GET /metrics`
+(histograms add `_bucket`, `_sum` and `_count` samples). The chart's dashboards and alert rules are
+tested against it, so a renamed metric fails a test rather than a dashboard.
+
+Drift: `mnist_input_mean_intensity` is the distribution of the mean pixel value of what the model
+saw (after preprocessing, 0..1); on the MNIST training set its mean is `TRAINING_MEAN_INTENSITY`.
+
+With several worker processes (SERVING_WORKERS > 1) the launcher sets PROMETHEUS_MULTIPROC_DIR and
+`/metrics` aggregates all workers' values; each gauge declares how.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# `_created` series double the series count and no dashboard here uses them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+PREFIX = "mnist_"
+# Mean pixel intensity of the MNIST training images in [0,1] (the usual normalisation constant).
+TRAINING_MEAN_INTENSITY = 0.1307
+EWMA_ALPHA = 0.02
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+predictions = Counter("mnist_predictions", "Predictions served, by predicted digit.", ["digit"])
+prediction_latency = Histogram(
+    "mnist_prediction_latency_seconds",
+    "Server-side time to decode, preprocess and run the model for one request, by endpoint.",
+    ["endpoint"],
+    buckets=_LATENCY_BUCKETS,
+)
+prediction_confidence = Histogram(
+    "mnist_prediction_confidence",
+    "Probability of the predicted digit.",
+    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
+recent_confidence = Gauge(
+    "mnist_prediction_confidence_recent",
+    f"Exponentially weighted mean of the predicted digit's probability (alpha {EWMA_ALPHA}).",
+    multiprocess_mode="livemostrecent",
+)
+batch_size = Histogram(
+    "mnist_prediction_batch_size",
+    "Images per inference request.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+input_mean_intensity = Histogram(
+    "mnist_input_mean_intensity",
+    f"Mean pixel intensity (0..1) of each preprocessed input; training data mean {TRAINING_MEAN_INTENSITY}.",
+    buckets=(0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0),
+)
+inputs_inverted = Counter("mnist_input_inverted", "Inputs detected as dark-on-light and inverted.")
+
+http_requests = Counter(
+    "mnist_http_requests",
+    "HTTP requests answered, by method, route template and status.",
+    ["method", "route", "status"],
+)
+http_duration = Histogram(
+    "mnist_http_request_duration_seconds",
+    "HTTP request duration from first byte read to response sent, by route template.",
+    ["method", "route"],
+    buckets=_LATENCY_BUCKETS,
+)
+http_in_flight = Gauge(
+    "mnist_http_requests_in_flight", "HTTP requests being served.", multiprocess_mode="livesum"
+)
+http_rejected = Counter(
+    "mnist_http_rejected_requests",
+    "Requests refused by a protective limit, by reason (body_too_large, overloaded, rate_limited).",
+    ["reason"],
+)
+
+model_info = Gauge(
+    "mnist_model_info",
+    "The served model: always 1, labelled with its registry name, version and alias.",
+    ["model_name", "model_version", "model_alias", "model_uri"],
+    multiprocess_mode="livemax",
+)
+model_ready = Gauge(
+    "mnist_model_ready", "1 when the model is loaded and serving.", multiprocess_mode="livemin"
+)
+model_load_duration = Gauge(
+    "mnist_model_load_duration_seconds",
+    "Seconds spent resolving, fetching, loading and warming the model at start-up.",
+    multiprocess_mode="livemax",
+)
+
+EXPORTED_METRICS: tuple[str, ...] = (
+    "mnist_predictions_total",
+    "mnist_prediction_latency_seconds",
+    "mnist_prediction_confidence",
+    "mnist_prediction_confidence_recent",
+    "mnist_prediction_batch_size",
+    "mnist_input_mean_intensity",
+    "mnist_input_inverted_total",
+    "mnist_http_requests_total",
+    "mnist_http_request_duration_seconds",
+    "mnist_http_requests_in_flight",
+    "mnist_http_rejected_requests_total",
+    "mnist_model_info",
+    "mnist_model_ready",
+    "mnist_model_load_duration_seconds",
+)
+
+_by_digit = [predictions.labels(digit=str(d)) for d in range(10)]
+_latency_by_endpoint: dict[str, Histogram] = {}
+_http_counters: dict[tuple[str, str, int], Counter] = {}
+_http_durations: dict[tuple[str, str], Histogram] = {}
+_ewma: list[float | None] = [None]
+
+
+def observe_predictions(
+    endpoint: str,
+    *,
+    digits: list[int],
+    confidences: list[float],
+    means: list[float],
+    inverted: int,
+    seconds: float,
+) -> None:
+    """Records one request's predictions: per image its digit, confidence and mean input intensity."""
+    child = _latency_by_endpoint.get(endpoint)
+    if child is None:
+        child = _latency_by_endpoint[endpoint] = prediction_latency.labels(endpoint=endpoint)
+    child.observe(seconds)
+    batch_size.observe(len(digits))
+    if inverted:
+        inputs_inverted.inc(inverted)
+    if len(digits) == 1:
+        _by_digit[digits[0]].inc()
+    else:
+        for digit, n in enumerate(np.bincount(digits, minlength=10).tolist()):
+            if n:
+                _by_digit[digit].inc(n)
+    ewma = _ewma[0]
+    for confidence, mean in zip(confidences, means, strict=True):
+        prediction_confidence.observe(confidence)
+        input_mean_intensity.observe(mean)
+        ewma = confidence if ewma is None else ewma + EWMA_ALPHA * (confidence - ewma)
+    _ewma[0] = ewma
+    if ewma is not None:
+        recent_confidence.set(ewma)
+
+
+def observe_http(method: str, route: str, status: int, seconds: float) -> None:
+    key = (method, route, status)
+    counter = _http_counters.get(key)
+    if counter is None:
+        counter = _http_counters[key] = http_requests.labels(method=method, route=route, status=str(status))
+    counter.inc()
+    duration = _http_durations.get((method, route))
+    if duration is None:
+        duration = _http_durations[(method, route)] = http_duration.labels(method=method, route=route)
+    duration.observe(seconds)
+
+
+def set_model(name: str, version: str, alias: str | None, uri: str, load_seconds: float) -> None:
+    model_info.labels(model_name=name, model_version=version, model_alias=alias or "", model_uri=uri).set(1)
+    model_load_duration.set(load_seconds)
+    model_ready.set(1)
+
+
+def exposition() -> tuple[bytes, str]:
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead() -> None:
+    if MULTIPROCESS:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
