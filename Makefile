@@ -78,6 +78,9 @@ bench-train: $(VENV)/.ready ## Train every architecture on the full data set
 bench-serve: $(VENV)/.ready system-deps ## Serving vs `mlflow models serve` and naive FastAPI+Keras under wrk
 	$(PY) -m bench.serve
 
+bench-operator: $(VENV)/.ready ## Operator: apply → Job latency for 1 and 200 TrainingRuns, peak RSS
+	MNIST_MLOPS_K8S_BIN="$$(bash scripts/build-k8s-tools.sh | tail -n 1)" $(PY) -m bench.operator
+
 clean: ## Remove local state (MLflow data, caches in the checkout)
 	rm -rf $(STATE_DIR) .mypy_cache .ruff_cache .pytest_cache
 

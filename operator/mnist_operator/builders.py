@@ -1,0 +1,230 @@
+"""Pure builders of the objects the operator creates or patches: plain dicts, no API calls.
+
+Names are deterministic (a TrainingRun `x` always gets the Job `x-train`), which is what makes a
+repeated create safe: the second attempt meets 409 Conflict and adopts the Job the first one made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mnist_operator.config import OperatorConfig
+from training_job.cli import spec_to_args
+from training_job.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    MODEL_VERSION_ANNOTATION,
+    REGISTERED_MODEL_LABEL,
+    TrainingRunSpec,
+)
+
+OPERATOR_NAME = "mnist-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+TRAININGRUN_LABEL = f"{API_GROUP}/trainingrun"
+TRAININGRUN_UID_ANNOTATION = f"{API_GROUP}/trainingrun-uid"
+JOB_SUFFIX = "-train"
+CONTAINER_NAME = "train"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 10001
+# Inside the pod: the emptyDir mount that makes a read-only root filesystem workable.
+SCRATCH_DIR = "/tmp"  # noqa: S108
+
+# Exit codes of `python -m training_job` (training_job/__main__.py) that no retry can fix: a usage
+# error, unreadable training data, an ONNX export that disagrees with Keras. The Job fails at once
+# instead of burning its backoffLimit. EXIT_TRACKING_UNAVAILABLE (3) is retried: MLflow may come back.
+NON_RETRYABLE_EXIT_CODES = (2, 4, 5)
+
+
+def job_name(trainingrun_name: str) -> str:
+    return f"{trainingrun_name}{JOB_SUFFIX}"
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """Makes the Job a dependent of its TrainingRun, so deleting the run garbage-collects it."""
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def training_labels(trainingrun_name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "mnist-training",
+        "app.kubernetes.io/component": "training",
+        "app.kubernetes.io/part-of": "mnist-mlops",
+        MANAGED_BY_LABEL: OPERATOR_NAME,
+        TRAININGRUN_LABEL: trainingrun_name,
+    }
+
+
+def resource_requirements(
+    resources: Mapping[str, Any] | None, default_cpu: str, default_memory: str
+) -> dict[str, dict[str, str]]:
+    """cpu is a request only (a CPU limit throttles training for nothing); memory is both, so the
+    pod is never the first one evicted; GPUs must be requested and limited alike."""
+    resources = resources or {}
+    cpu = str(resources.get("cpu", default_cpu))
+    memory = str(resources.get("memory", default_memory))
+    gpu = int(resources.get("gpu") or 0)
+    requests = {"cpu": cpu, "memory": memory}
+    limits = {"memory": memory}
+    if gpu > 0:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpu)
+    return {"requests": requests, "limits": limits}
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The restricted Pod Security Standard, so the pods are admitted in enforce=restricted namespaces."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def build_job_spec(
+    *,
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: TrainingRunSpec,
+    config: OperatorConfig,
+) -> dict[str, Any]:
+    """The training Job of the TrainingRun `namespace/name` (uid `uid`)."""
+    labels = training_labels(name)
+    args = [
+        *spec_to_args(spec, run_name=name),
+        f"--trainingrun-name={name}",
+        f"--trainingrun-namespace={namespace}",
+        f"--trainingrun-uid={uid}",
+    ]
+    env = [
+        {"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri},
+        # Mirrors terminationMessagePath for the process (training_job.result reads it).
+        {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
+        # The root filesystem is read-only: every cache goes to the /tmp emptyDir.
+        {"name": "HOME", "value": SCRATCH_DIR},
+        {"name": "TMPDIR", "value": SCRATCH_DIR},
+        {"name": "KERAS_HOME", "value": f"{SCRATCH_DIR}/.keras"},
+        {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_DIR}/.matplotlib"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    resources = resource_requirements(spec.resources, config.default_cpu, config.default_memory)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        # Training talks to MLflow only; no Kubernetes API credentials in the pod.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(),
+        "containers": [
+            {
+                "name": CONTAINER_NAME,
+                "image": spec.image or config.training_image,
+                "imagePullPolicy": config.training_image_pull_policy,
+                "command": ["python", "-m", "training_job"],
+                "args": args,
+                "env": env,
+                "resources": resources,
+                "securityContext": container_security_context(),
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+                # The result JSON on success; the log tail when the process dies without writing one.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [{"name": "tmp", "mountPath": SCRATCH_DIR}],
+            }
+        ],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if config.training_service_account:
+        pod_spec["serviceAccountName"] = config.training_service_account
+    if GPU_RESOURCE in resources["limits"]:
+        pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": spec.backoff_limit,
+        "activeDeadlineSeconds": spec.active_deadline_seconds,
+        "completions": 1,
+        "parallelism": 1,
+        # A replacement pod starts only once the failed one is gone: never two runs logging at once.
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER_NAME,
+                        "operator": "In",
+                        "values": list(NON_RETRYABLE_EXIT_CODES),
+                    },
+                },
+                # Evictions and preemptions are not the training's fault.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            ]
+        },
+        "template": {"metadata": {"labels": dict(labels)}, "spec": pod_spec},
+    }
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {TRAININGRUN_UID_ANNOTATION: uid},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": job_spec,
+    }
+
+
+def serving_label_selector(registered_model: str, serving_selector: Mapping[str, Any] | None) -> str:
+    """The label selector (string form) of the serving Deployments a promotion rolls."""
+    terms = [f"{REGISTERED_MODEL_LABEL}={registered_model}"]
+    selector = serving_selector or {}
+    for key, value in sorted((selector.get("matchLabels") or {}).items()):
+        terms.append(f"{key}={value}")
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = ",".join(expression.get("values") or [])
+        if operator == "In":
+            terms.append(f"{key} in ({values})")
+        elif operator == "NotIn":
+            terms.append(f"{key} notin ({values})")
+        elif operator == "Exists":
+            terms.append(key)
+        elif operator == "DoesNotExist":
+            terms.append(f"!{key}")
+        else:
+            raise ValueError(f"unsupported label selector operator {operator!r}")
+    return ",".join(terms)
+
+
+def build_rollout_patch(version: str | None) -> dict[str, Any]:
+    """A merge patch of the pod-template annotation: a new value rolls the pods, None removes it."""
+    return {"spec": {"template": {"metadata": {"annotations": {MODEL_VERSION_ANNOTATION: version}}}}}
+
+
+def model_version_annotation(deployment: Mapping[str, Any]) -> str | None:
+    template_meta = deployment.get("spec", {}).get("template", {}).get("metadata", {})
+    value = (template_meta.get("annotations") or {}).get(MODEL_VERSION_ANNOTATION)
+    return None if value is None else str(value)

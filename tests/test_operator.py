@@ -1,0 +1,536 @@
+"""The operator end to end: `python -m mnist_operator` against a real kube-apiserver and
+kube-controller-manager, a real MLflow server, and the real training entrypoint run by the fake
+kubelet (tests/fake_kubelet.py) in place of a node.
+
+The operator runs with a token of its own ServiceAccount, so every test here also shows that
+operator/rbac.yaml is enough. Trainings are capped (1 epoch, 3000 examples) to take seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import yaml
+
+from mnist_operator import tracking
+from mnist_operator.builders import job_name
+from tests.controlplane import ControlPlane
+from tests.fake_kubelet import FakeKubelet, wait_until
+from tests.fixtures_operator import (
+    OPERATOR_NAMESPACE,
+    SEED_MANIFESTS,
+    OperatorAccount,
+    OperatorFactory,
+    RestartableMlflow,
+    create_namespace,
+    get_json,
+    kubectl,
+    kubectl_ok,
+    phase_in,
+    serving_deployment,
+    unique_name,
+    wait_deployment_available,
+    wait_for_trainingrun,
+)
+from training_job.policy import decide
+from training_job.registry import alias_version, promote, version_metrics
+from training_job.spec import (
+    API_GROUP,
+    API_VERSION,
+    CHAMPION_ALIAS,
+    KIND,
+    MODEL_VERSION_ANNOTATION,
+    PREVIOUS_ALIAS,
+    TrainingRunSpec,
+)
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+TRAINING_TIMEOUT = 900.0
+FINAL = ("Promoted", "Rejected", "RolledBack", "Failed")
+# The design's three runs (baseline, enhanced, optimized); further manifests are extra experiments.
+DESIGN_RUNS = SEED_MANIFESTS[:3]
+
+
+@pytest.fixture
+def mlflow_client(operator_mlflow: RestartableMlflow, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    return tracking.make_client(operator_mlflow.url)
+
+
+@pytest.fixture
+def registered_model() -> str:
+    return unique_name("model")
+
+
+def trainingrun(name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def quick_spec(model: str, **overrides: Any) -> dict[str, Any]:
+    """A TrainingRun spec that trains for seconds and is promoted over a weak champion."""
+    spec: dict[str, Any] = {
+        "architecture": "baseline",
+        "hyperparameters": {"epochs": 1, "batchSize": 64},
+        "experiment": f"exp-{model}",
+        "registeredModel": model,
+        "promotion": {"minimum": 0.5},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def seed_champion(client: MlflowClient, model: str, accuracy: float) -> str:
+    """A weak version made champion without training: the operator only compares run metrics."""
+    experiment_id = client.create_experiment(f"seed-{uuid.uuid4().hex[:8]}")
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "test_accuracy", accuracy)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model(model)
+    version = str(
+        client.create_model_version(model, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    )
+    promote(client, model, version)
+    return version
+
+
+def jobs_of(plane: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = get_json(
+        plane, "jobs", "-n", namespace, "-l", f"mnist-mlops.io/trainingrun={name}"
+    )["items"]
+    return found
+
+
+def condition(document: dict[str, Any], type_: str) -> dict[str, Any]:
+    for item in document.get("status", {}).get("conditions") or []:
+        if item["type"] == type_:
+            return dict(item)
+    raise AssertionError(f"no {type_} condition in {json.dumps(document.get('status'), indent=1)}")
+
+
+def events_of(plane: ControlPlane, namespace: str, name: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = get_json(
+        plane,
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.name={name},involvedObject.kind={KIND}",
+    )["items"]
+    return found
+
+
+def replicasets_of(plane: ControlPlane, namespace: str, deployment: str) -> list[dict[str, Any]]:
+    return [
+        item
+        for item in get_json(plane, "replicasets", "-n", namespace)["items"]
+        if any(ref["name"] == deployment for ref in item["metadata"].get("ownerReferences") or [])
+    ]
+
+
+def annotation_of(plane: ControlPlane, namespace: str, deployment: str) -> str | None:
+    document = get_json(plane, "deployment", deployment, "-n", namespace)
+    value = (document["spec"]["template"]["metadata"].get("annotations") or {}).get(MODEL_VERSION_ANNOTATION)
+    return None if value is None else str(value)
+
+
+def runs_tagged(client: MlflowClient, experiment: str, uid: str) -> int:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    return len(client.search_runs([found.experiment_id], filter_string=f"tags.`trainingrun.uid` = '{uid}'"))
+
+
+def deploy_serving(plane: ControlPlane, namespace: str, model: str, version: str | None = None) -> str:
+    name = "serving"
+    deployment = serving_deployment(name, namespace, model)
+    if version is not None:
+        deployment["spec"]["template"]["metadata"]["annotations"] = {MODEL_VERSION_ANNOTATION: version}
+    kubectl_ok(plane, "apply", "-f", "-", manifest=deployment)
+    wait_deployment_available(plane, namespace, name)
+    return name
+
+
+# ------------------------------------------------------------------------ the seed runs
+
+
+@pytest.fixture
+def seed_namespace(control_plane: ControlPlane, fake_kubelet: FakeKubelet) -> Iterator[str]:
+    namespace = create_namespace(control_plane, unique_name("seeds"))
+    fake_kubelet.watch(namespace)
+    yield namespace
+    kubectl(control_plane, "delete", "namespace", namespace, "--wait=false")
+
+
+def seed_runs(namespace: str, model: str) -> list[dict[str, Any]]:
+    """The design's three runs from manifests/trainingruns, made quick: 1 epoch, and the policy
+    minimum of all but the last lowered to 0.5 (3000 examples for one epoch cannot reach the
+    design's 97%). The last keeps its bar, so one run is sure to be rejected below the minimum and
+    the others are judged against each other."""
+    runs = []
+    for index, path in enumerate(DESIGN_RUNS):
+        document = copy.deepcopy(yaml.safe_load(path.read_text()))
+        document["metadata"]["namespace"] = namespace
+        spec = document["spec"]
+        spec["hyperparameters"]["epochs"] = 1
+        spec["registeredModel"] = model
+        spec["experiment"] = f"seeds-{model}"
+        if index < len(DESIGN_RUNS) - 1:
+            spec["promotion"]["minimum"] = 0.5
+        runs.append(document)
+    return runs
+
+
+def test_seed_runs_end_promoted_or_rejected_exactly_as_the_policy_says(
+    *,
+    control_plane: ControlPlane,
+    operator_account: OperatorAccount,
+    operators: OperatorFactory,
+    seed_namespace: str,
+    registered_model: str,
+    mlflow_client: MlflowClient,
+    operator_mlflow: RestartableMlflow,
+) -> None:
+    namespace, model = seed_namespace, registered_model
+    serving = deploy_serving(control_plane, namespace, model)
+    runs = seed_runs(namespace, model)
+    with operator_account.clusterwide():
+        operator = operators.start([])
+        operator.wait_leading()
+        kubectl_ok(control_plane, "apply", "-f", "-", manifest=runs)
+        finished = {
+            run["metadata"]["name"]: wait_for_trainingrun(
+                control_plane,
+                namespace,
+                run["metadata"]["name"],
+                predicate=phase_in(*FINAL),
+                timeout=TRAINING_TIMEOUT,
+                what="to finish",
+            )
+            for run in runs
+        }
+        # Stopped while its ClusterRoleBinding still exists, so it never runs without its permissions.
+        assert operator.stop() == 0
+
+    promoted_versions: dict[str | None, str] = {}
+    for name, document in finished.items():
+        status, spec = document["status"], TrainingRunSpec.model_validate(document["spec"])
+        assert status["phase"] in {"Promoted", "Rejected"}, f"{name}: {status}"
+        # The Job: one per run, deterministic name, owned by the run, with the run's arguments.
+        (job,) = jobs_of(control_plane, namespace, name)
+        assert job["metadata"]["name"] == job_name(name) == status["jobName"]
+        assert job["metadata"]["ownerReferences"][0]["uid"] == document["metadata"]["uid"]
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        assert f"--architecture={spec.architecture.value}" in container["args"]
+        assert f"--trainingrun-uid={document['metadata']['uid']}" in container["args"]
+        assert {"name": "MLFLOW_TRACKING_URI", "value": operator_mlflow.url} in container["env"]
+        assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        # The decision is the policy's, applied to the champion of that moment.
+        candidate = version_metrics(mlflow_client, model, status["modelVersion"])
+        champion = status.get("championVersion")
+        expected = decide(
+            candidate, version_metrics(mlflow_client, model, champion) if champion else None, spec.promotion
+        )
+        assert (status["promoted"], status["promotionReason"]) == (expected.promote, expected.reason), name
+        assert status["metrics"]["test_accuracy"] == pytest.approx(candidate["test_accuracy"])
+        assert condition(document, "Promoted")["status"] == ("True" if expected.promote else "False")
+        assert condition(document, "Trained")["status"] == "True"
+        assert runs_tagged(mlflow_client, spec.experiment, document["metadata"]["uid"]) == 1
+        reasons = {event["reason"] for event in events_of(control_plane, namespace, name)}
+        assert {"JobCreated", "Trained", "Promoted" if expected.promote else "Rejected"} <= reasons
+        if expected.promote:
+            promoted_versions[champion] = status["modelVersion"]
+
+    last = list(finished.values())[-1]["status"]
+    assert last["promoted"] is False and "below the minimum" in last["promotionReason"]
+    # The promotions form one chain from "no champion"; the alias ends on its last link.
+    chain, current = [], None
+    while current in promoted_versions:
+        current = promoted_versions[current]
+        chain.append(current)
+    assert len(chain) == len(promoted_versions) >= 1
+    assert alias_version(mlflow_client, model, CHAMPION_ALIAS) == chain[-1]
+    assert alias_version(mlflow_client, model, PREVIOUS_ALIAS) == (chain[-2] if len(chain) > 1 else None)
+    # Serving follows the champion, and its template changed once per promotion, never otherwise.
+    assert annotation_of(control_plane, namespace, serving) == chain[-1]
+    rolled = [doc for doc in finished.values() if condition_or_none(doc, "RolledOut", "Available")]
+    assert len(replicasets_of(control_plane, namespace, serving)) == 1 + len(rolled)
+    table = kubectl_ok(control_plane, "get", "tr", "-n", namespace, "-o", "wide")
+    print(table)
+    assert "ACCURACY" in table.splitlines()[0] and "Promoted" in table
+
+
+def condition_or_none(document: dict[str, Any], type_: str, reason: str) -> bool:
+    return any(
+        item["type"] == type_ and item.get("reason") == reason
+        for item in document.get("status", {}).get("conditions") or []
+    )
+
+
+# ------------------------------------------------------------------------ failure paths
+
+STANDBY_OF_A = {"role": "standby", "identity": "operator-b", "leader": "operator-a"}
+
+
+def test_a_failed_training_fails_the_run_with_the_reason(
+    *,
+    control_plane: ControlPlane,
+    operators: OperatorFactory,
+    watched_namespace: str,
+    fake_kubelet: FakeKubelet,
+    registered_model: str,
+    mlflow_client: MlflowClient,
+) -> None:
+    name = unique_name("broken")
+    fake_kubelet.override_env(name, MNIST_NPZ="/nonexistent/mnist.npz")
+    operators.start([watched_namespace]).wait_leading()
+    kubectl_ok(
+        control_plane,
+        "apply",
+        "-f",
+        "-",
+        manifest=trainingrun(name, watched_namespace, quick_spec(registered_model)),
+    )
+    document = wait_for_trainingrun(
+        control_plane,
+        watched_namespace,
+        name,
+        predicate=phase_in(*FINAL),
+        timeout=TRAINING_TIMEOUT,
+        what="to fail",
+    )
+    status = document["status"]
+    assert status["phase"] == "Failed"
+    trained = condition(document, "Trained")
+    assert trained["status"] == "False"
+    # The Job's reason (the pod failure policy stops retrying exit code 4) and the pod's own words.
+    assert trained["reason"] == "PodFailurePolicy"
+    assert "exited with code 4" in status["message"]
+    assert "bad training data" in status["message"]
+    assert len(fake_kubelet.runs_of(name)) == 1, "exit code 4 is not retried"
+    assert "modelVersion" not in status
+    assert mlflow_client.search_registered_models(filter_string=f"name = '{registered_model}'") == []
+    assert "TrainingFailed" in {
+        event["reason"] for event in events_of(control_plane, watched_namespace, name)
+    }
+
+
+def test_mlflow_outage_then_a_stalled_rollout_ends_rolled_back(
+    *,
+    control_plane: ControlPlane,
+    operators: OperatorFactory,
+    watched_namespace: str,
+    fake_kubelet: FakeKubelet,
+    operator_mlflow: RestartableMlflow,
+    registered_model: str,
+    mlflow_client: MlflowClient,
+) -> None:
+    """Two failure paths on one (CPU-costly) training: MLflow is down when the result arrives, then
+    the promoted version's serving pods never become ready."""
+    namespace, model, name = watched_namespace, registered_model, unique_name("outage")
+    seeded = seed_champion(mlflow_client, model, 0.1)
+    serving = deploy_serving(control_plane, namespace, model, version=seeded)
+    fake_kubelet.never_become_ready(namespace, serving)
+    release = fake_kubelet.hold(name)
+    operators.start([namespace], rollout_timeout_seconds="8").wait_leading()
+    kubectl_ok(control_plane, "apply", "-f", "-", manifest=trainingrun(name, namespace, quick_spec(model)))
+    wait_until(lambda: fake_kubelet.runs_of(name), 120, "the training pod to start")
+    (run,) = fake_kubelet.runs_of(name)
+    wait_until(run.finished.is_set, TRAINING_TIMEOUT, "the training process to finish")
+    assert run.exit_code == 0, run.log_tail()
+    # While the pod still runs, the progress comes from MLflow's per-epoch metrics.
+    progressed = wait_for_trainingrun(
+        control_plane,
+        namespace,
+        name,
+        predicate=lambda doc: "valAccuracy" in doc.get("status", {}).get("progress", {}),
+        timeout=60,
+        what="to show the training progress",
+    )
+    assert progressed["status"]["phase"] == "Training"
+    assert (progressed["status"]["progress"]["epoch"], progressed["status"]["progress"]["epochs"]) == (1, 1)
+    assert 0.0 < progressed["status"]["progress"]["valAccuracy"] <= 1.0
+    assert progressed["status"]["mlflowRunId"]
+
+    try:
+        operator_mlflow.stop()
+        release.set()
+        down = wait_for_trainingrun(
+            control_plane,
+            namespace,
+            name,
+            predicate=lambda doc: (
+                condition_or_none(doc, "MlflowReachable", "Unreachable")
+                and doc["status"]["phase"] == "Evaluating"
+            ),
+            timeout=120,
+            what="to report MLflow unreachable while evaluating",
+        )
+        assert operator_mlflow.url in condition(down, "MlflowReachable")["message"]
+        assert "MlflowUnreachable" in {event["reason"] for event in events_of(control_plane, namespace, name)}
+        # Nothing was decided while MLflow was away.
+        assert "promoted" not in down["status"]
+    finally:
+        if not operator_mlflow.is_up():
+            operator_mlflow.start()
+
+    document = wait_for_trainingrun(
+        control_plane, namespace, name, predicate=phase_in(*FINAL), timeout=300, what="to finish"
+    )
+    status = document["status"]
+    assert condition(document, "MlflowReachable")["status"] == "True"
+    assert status["promoted"] is True and status["championVersion"] == seeded
+    # The new version's pods never became ready: alias and annotation are back on the seeded version.
+    assert status["phase"] == "RolledBack", status
+    rolled_back = condition(document, "RolledBack")
+    assert (rolled_back["status"], rolled_back["reason"]) == ("True", "RolloutTimeout")
+    assert f"back on version {seeded}" in rolled_back["message"]
+    assert condition(document, "RolledOut")["status"] == "False"
+    assert alias_version(mlflow_client, model, CHAMPION_ALIAS) == seeded
+    assert mlflow_client.get_model_version(model, status["modelVersion"]).tags["promoted"] == "rolled-back"
+    assert annotation_of(control_plane, namespace, serving) == seeded
+    assert "RolledBack" in {event["reason"] for event in events_of(control_plane, namespace, name)}
+
+
+def test_operator_crashes_at_the_worst_moments_and_the_standby_finishes_without_duplicates(
+    *,
+    control_plane: ControlPlane,
+    operators: OperatorFactory,
+    watched_namespace: str,
+    fake_kubelet: FakeKubelet,
+    registered_model: str,
+    mlflow_client: MlflowClient,
+) -> None:
+    namespace, model, name = watched_namespace, registered_model, unique_name("restart")
+    seeded = seed_champion(mlflow_client, model, 0.1)
+    serving = deploy_serving(control_plane, namespace, model, version=seeded)
+    # A dies right after creating the Job, B right after moving the alias; C finishes.
+    first = operators.start([namespace], identity="operator-a", failpoint="after-job-create")
+    first.wait_leading()
+    second = operators.start([namespace], identity="operator-b", failpoint="after-alias-move")
+    second.wait_healthy()
+    wait_until(lambda: second.health() == STANDBY_OF_A, 30, "operator-b to stand by for operator-a")
+    kubectl_ok(control_plane, "apply", "-f", "-", manifest=trainingrun(name, namespace, quick_spec(model)))
+
+    assert first.process is not None and first.process.wait(120) == 86
+    third = operators.start([namespace], identity="operator-c")
+    wait_until(second.is_leading, 60, "operator-b to take the Lease over")
+    assert second.process is not None and second.process.wait(TRAINING_TIMEOUT) == 86, second.log_tail()
+    document = wait_for_trainingrun(
+        control_plane,
+        namespace,
+        name,
+        predicate=phase_in(*FINAL),
+        timeout=240,
+        what="to finish under operator-c",
+    )
+    assert third.is_leading()
+
+    status = document["status"]
+    assert status["phase"] == "Promoted", status
+    # One Job, one pod, one MLflow run, one new version.
+    (job,) = jobs_of(control_plane, namespace, name)
+    assert job["metadata"]["name"] == job_name(name)
+    assert len(fake_kubelet.runs_of(name)) == 1
+    assert runs_tagged(mlflow_client, f"exp-{model}", document["metadata"]["uid"]) == 1
+    versions = mlflow_client.search_model_versions(f"name = '{model}'")
+    assert sorted(str(version.version) for version in versions) == sorted([seeded, status["modelVersion"]])
+    # Promoted once: judged against the seeded champion, which `previous` still names.
+    assert status["championVersion"] == seeded
+    assert "beats the champion's 0.1000" in status["promotionReason"]
+    assert alias_version(mlflow_client, model, CHAMPION_ALIAS) == status["modelVersion"]
+    assert alias_version(mlflow_client, model, PREVIOUS_ALIAS) == seeded
+    # Rolled once.
+    assert annotation_of(control_plane, namespace, serving) == status["modelVersion"]
+    assert len(replicasets_of(control_plane, namespace, serving)) == 2
+    assert condition(document, "JobCreated")["reason"] == "Adopted"
+    # A graceful stop gives the Lease up at once.
+    assert third.stop() == 0
+    lease = get_json(control_plane, "lease", "mnist-operator", "-n", OPERATOR_NAMESPACE)
+    assert not lease["spec"].get("holderIdentity")
+
+
+# ------------------------------------------------------------------------ RBAC
+
+
+def test_a_namespaced_operator_works_within_its_rbac_and_is_forbidden_outside_it(
+    *,
+    control_plane: ControlPlane,
+    operator_account: OperatorAccount,
+    operators: OperatorFactory,
+    registered_model: str,
+) -> None:
+    # No fake kubelet here: only Job creation and status matter.
+    inside = create_namespace(control_plane, unique_name("inside"))
+    outside = create_namespace(control_plane, unique_name("outside"))
+    operator_account.bind_namespace(inside)
+    operators.start([inside]).wait_leading()
+    spec = quick_spec(registered_model)
+    kubectl_ok(
+        control_plane,
+        "apply",
+        "-f",
+        "-",
+        manifest=[trainingrun("run", inside, spec), trainingrun("run", outside, spec)],
+    )
+    wait_for_trainingrun(
+        control_plane, inside, "run", predicate=phase_in("Training"), timeout=60, what="to train"
+    )
+    assert len(jobs_of(control_plane, inside, "run")) == 1
+
+    # The operator's identity, asked of the API server itself.
+    user = operator_account.user
+    allowed = [
+        ("create", "jobs", inside),
+        ("patch", "trainingruns.mnist-mlops.io/status", inside),
+        ("patch", "deployments", inside),
+    ]
+    forbidden = [
+        ("create", "jobs", outside),
+        ("list", "trainingruns.mnist-mlops.io", outside),
+        ("delete", "jobs", inside),
+        ("create", "pods", inside),
+        ("get", "secrets", inside),
+        ("delete", "deployments", inside),
+        ("update", "trainingruns.mnist-mlops.io", inside),
+        ("list", "nodes", None),
+        ("create", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("get", "leases/someone-else", OPERATOR_NAMESPACE),
+    ]
+    for verb, resource, where in allowed:
+        assert operator_account.can(verb, resource, where), f"{user} should {verb} {resource} in {where}"
+    for verb, resource, scope in forbidden:
+        assert not operator_account.can(verb, resource, scope), (
+            f"{user} must not {verb} {resource} in {scope}"
+        )
+    # And a real request with the operator's own token, outside its namespace, is refused.
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "intruder", "namespace": outside},
+        "spec": {},
+    }
+    refused = kubectl(
+        control_plane, "create", "-f", "-", manifest=job, kubeconfig=operator_account.kubeconfig
+    )
+    assert refused.returncode != 0 and "forbidden" in refused.stderr.lower(), refused.stderr
+
+    # The run outside was never touched: no status, no Job, no finalizer.
+    untouched = get_json(control_plane, "tr", "run", "-n", outside)
+    assert "status" not in untouched and not untouched["metadata"].get("finalizers")
+    assert jobs_of(control_plane, outside, "run") == []
+    for namespace in (inside, outside):
+        kubectl(control_plane, "delete", "namespace", namespace, "--wait=false")

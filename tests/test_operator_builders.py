@@ -1,0 +1,360 @@
+"""The operator's pure parts, as plain dicts: the Job it builds, what it reads from Jobs, pods and
+Deployments, the status it writes, and its configuration. No API server needed."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import pytest
+
+from mnist_operator.builders import (
+    NON_RETRYABLE_EXIT_CODES,
+    build_job_spec,
+    build_rollout_patch,
+    job_name,
+    model_version_annotation,
+    resource_requirements,
+    serving_label_selector,
+)
+from mnist_operator.config import ConfigError, OperatorConfig
+from mnist_operator.status import (
+    Condition,
+    JobOutcome,
+    Phase,
+    ResultError,
+    StatusUpdate,
+    failure_message,
+    job_outcome,
+    progress_status,
+    rollout_state,
+    set_condition,
+    training_result,
+)
+from training_job import __main__ as training_main
+from training_job.cli import parse_train_command, spec_to_args
+from training_job.result import TrainingResult
+from training_job.spec import MODEL_VERSION_ANNOTATION, TrainingRunSpec
+
+UID = "0b7c1f9e-5d1a-4a57-9a43-3f1d2c3b4a5e"
+CONFIG = OperatorConfig(mlflow_tracking_uri="http://mlflow.mnist-mlops.svc:5000", training_image="train:1.0")
+NOW = datetime.datetime(2025, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+
+
+def job_for(spec: dict[str, Any] | None = None, config: OperatorConfig = CONFIG) -> dict[str, Any]:
+    return build_job_spec(
+        name="baseline",
+        namespace="ml",
+        uid=UID,
+        spec=TrainingRunSpec.model_validate(spec or {}),
+        config=config,
+    )
+
+
+def test_job_name_owner_and_labels() -> None:
+    job = job_for()
+    assert job["metadata"]["name"] == job_name("baseline") == "baseline-train"
+    assert job["metadata"]["namespace"] == "ml"
+    assert job["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "mnist-mlops.io/v1alpha1",
+            "kind": "TrainingRun",
+            "name": "baseline",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["mnist-mlops.io/trainingrun"] == "baseline"
+        assert labels["app.kubernetes.io/managed-by"] == "mnist-operator"
+        # The chart's NetworkPolicy lets exactly these pods reach MLflow.
+        assert labels["app.kubernetes.io/part-of"] == "mnist-mlops"
+        assert labels["app.kubernetes.io/component"] == "training"
+
+
+def test_job_is_deterministic() -> None:
+    assert job_for({"architecture": "enhanced"}) == job_for({"architecture": "enhanced"})
+
+
+def test_job_container_runs_the_spec() -> None:
+    spec = {"architecture": "residual-bn", "hyperparameters": {"epochs": 3, "augment": True}}
+    container = job_for(spec)["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "train:1.0"
+    assert container["command"] == ["python", "-m", "training_job"]
+    parsed_spec = TrainingRunSpec.model_validate(spec)
+    assert container["args"] == [
+        *spec_to_args(parsed_spec, "baseline"),
+        "--trainingrun-name=baseline",
+        "--trainingrun-namespace=ml",
+        f"--trainingrun-uid={UID}",
+    ]
+    # The training entrypoint reads the arguments back into the same spec.
+    command = parse_train_command(container["args"])
+    assert command.spec.architecture == parsed_spec.architecture
+    assert command.spec.hyperparameters == parsed_spec.hyperparameters
+    assert command.trainingrun.uid == UID
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.mnist-mlops.svc:5000"
+    assert env["TERMINATION_MESSAGE_PATH"] == container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_job_pod_is_restricted() -> None:
+    pod = job_for()["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is False
+    env = {item["name"]: item["value"] for item in container["env"]}
+    # Everything the process writes lands in the emptyDir.
+    assert all(env[key].startswith("/tmp") for key in ("HOME", "TMPDIR", "KERAS_HOME", "MPLCONFIGDIR"))
+
+
+def test_job_limits_and_retries_come_from_the_spec() -> None:
+    job = job_for({"backoffLimit": 3, "activeDeadlineSeconds": 900, "ttlSecondsAfterFinished": 60})
+    assert job["spec"]["backoffLimit"] == 3
+    assert job["spec"]["activeDeadlineSeconds"] == 900
+    assert job["spec"]["ttlSecondsAfterFinished"] == 60
+    assert "ttlSecondsAfterFinished" not in job_for()["spec"]
+    rule = job["spec"]["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailJob"
+    assert rule["onExitCodes"]["values"] == list(NON_RETRYABLE_EXIT_CODES)
+
+
+def test_non_retryable_exit_codes_are_the_training_entrypoints() -> None:
+    # 2 is argparse's usage error.
+    assert set(NON_RETRYABLE_EXIT_CODES) == {
+        2,
+        training_main.EXIT_BAD_DATA,
+        training_main.EXIT_EXPORT_MISMATCH,
+    }
+    assert training_main.EXIT_TRACKING_UNAVAILABLE not in NON_RETRYABLE_EXIT_CODES
+
+
+def test_image_override_and_service_account() -> None:
+    config = OperatorConfig(mlflow_tracking_uri="http://m", training_service_account="trainer")
+    pod = job_for({"image": "registry.local/train@sha256:abc"}, config)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "registry.local/train@sha256:abc"
+    assert pod["serviceAccountName"] == "trainer"
+    assert "serviceAccountName" not in job_for()["spec"]["template"]["spec"]
+
+
+def test_resources_defaults_and_gpu() -> None:
+    assert resource_requirements(None, "1", "2Gi") == {
+        "requests": {"cpu": "1", "memory": "2Gi"},
+        "limits": {"memory": "2Gi"},
+    }
+    assert resource_requirements({"cpu": 4, "memory": "8Gi", "gpu": 1}, "1", "2Gi") == {
+        "requests": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "1"},
+        "limits": {"memory": "8Gi", "nvidia.com/gpu": "1"},
+    }
+    pod = job_for({"resources": {"gpu": 2}})["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert "tolerations" not in job_for()["spec"]["template"]["spec"]
+
+
+def test_serving_selector() -> None:
+    assert serving_label_selector("mnist-cnn", None) == "mnist-mlops.io/registered-model=mnist-cnn"
+    selector = {
+        "matchLabels": {"tier": "canary"},
+        "matchExpressions": [
+            {"key": "zone", "operator": "In", "values": ["a", "b"]},
+            {"key": "legacy", "operator": "DoesNotExist"},
+            {"key": "team", "operator": "Exists"},
+            {"key": "env", "operator": "NotIn", "values": ["dev"]},
+        ],
+    }
+    assert serving_label_selector("m", selector) == (
+        "mnist-mlops.io/registered-model=m,tier=canary,zone in (a,b),!legacy,team,env notin (dev)"
+    )
+
+
+def test_rollout_patch_sets_and_removes_the_annotation() -> None:
+    patch = build_rollout_patch("7")
+    assert patch == {"spec": {"template": {"metadata": {"annotations": {MODEL_VERSION_ANNOTATION: "7"}}}}}
+    assert model_version_annotation(patch) == "7"
+    assert model_version_annotation(build_rollout_patch(None)) is None
+
+
+# ------------------------------------------------------------------------ status
+
+
+def test_condition_transition_time_moves_only_on_flips() -> None:
+    first = set_condition([], "Trained", status=False, reason="A", message="m", generation=1, now=NOW)
+    later = NOW + datetime.timedelta(minutes=5)
+    same = set_condition(first, "Trained", status=False, reason="B", message="n", generation=1, now=later)
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] == "2025-01-02T03:04:05Z"
+    assert same[0]["reason"] == "B"
+    flipped = set_condition(same, "Trained", status=True, reason="C", message="o", generation=2, now=later)
+    assert flipped[0]["lastTransitionTime"] == "2025-01-02T03:09:05Z"
+    assert flipped[0]["observedGeneration"] == 2
+    other = set_condition(flipped, "Promoted", status=True, reason="D", message="p", generation=2, now=later)
+    assert [condition["type"] for condition in other] == ["Trained", "Promoted"]
+
+
+def test_status_update_patches_only_what_changed() -> None:
+    current = {
+        "phase": "Training",
+        "observedGeneration": 1,
+        "conditions": set_condition(
+            [], "JobCreated", status=True, reason="Created", message="m", generation=1, now=NOW
+        ),
+    }
+    idle = StatusUpdate(current, 1, NOW)
+    idle.condition(Condition.JOB_CREATED, True, "Created", "m")
+    assert idle.patch() == {}
+    moved = StatusUpdate(current, 1, NOW).phase(Phase.EVALUATING, "trained")
+    assert moved.patch() == {"phase": "Evaluating", "message": "trained"}
+    assert StatusUpdate({}, 3, NOW).set(jobName="x").patch() == {"jobName": "x", "observedGeneration": 3}
+
+
+def test_job_outcome_waits_for_terminal_conditions() -> None:
+    assert job_outcome({}) == JobOutcome(False, False)
+    interim = {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}]}
+    assert not job_outcome(interim).finished
+    complete = {"conditions": [*interim["conditions"], {"type": "Complete", "status": "True"}]}
+    assert job_outcome(complete).succeeded
+    failed = {
+        "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "x"}]
+    }
+    outcome = job_outcome(failed)
+    assert outcome.failed and outcome.reason == "BackoffLimitExceeded"
+
+
+def _pod(
+    name: str, phase: str, exit_code: int, message: str, finished: str = "2025-01-01T00:00:00Z"
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [
+                {
+                    "name": "train",
+                    "state": {
+                        "terminated": {
+                            "exitCode": exit_code,
+                            "reason": "Completed" if exit_code == 0 else "Error",
+                            "message": message,
+                            "finishedAt": finished,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+RESULT = TrainingResult(
+    run_id="r1",
+    experiment_id="1",
+    registered_model="mnist-cnn",
+    model_version="3",
+    architecture="baseline",
+    metrics={"test_accuracy": 0.98},
+    onnx_model_uri="models:/m/3",
+    keras_model_uri="runs:/r1/keras-model",
+)
+
+
+def test_training_result_from_the_termination_message() -> None:
+    pods = [_pod("a", "Failed", 3, "boom"), _pod("b", "Succeeded", 0, RESULT.to_json())]
+    assert training_result(pods) == RESULT
+    with pytest.raises(ResultError, match="no succeeded training pod"):
+        training_result([_pod("a", "Failed", 1, "")])
+    with pytest.raises(ResultError, match="empty termination message"):
+        training_result([_pod("b", "Succeeded", 0, "")])
+    with pytest.raises(ResultError, match="not a training result"):
+        training_result([_pod("b", "Succeeded", 0, '{"run_id": 1}')])
+
+
+def test_failure_message_names_the_job_reason_and_the_pod() -> None:
+    outcome = JobOutcome(
+        True, False, "PodFailurePolicy", "Container train for pod ml/x failed with exit code 4"
+    )
+    log_tail = "Traceback ...\nerror: bad training data: /nonexistent.npz does not exist"
+    message = failure_message(outcome, [_pod("baseline-train-abc", "Failed", 4, log_tail)])
+    assert message.startswith("PodFailurePolicy: Container train")
+    assert "pod baseline-train-abc exited with code 4 (Error)" in message
+    assert "bad training data" in message
+
+
+def test_rollout_state_follows_kubectl_rollout_status() -> None:
+    def deployment(generation: int = 2, observed: int = 2, **status: Any) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "serving", "generation": generation},
+            "spec": {"replicas": 2},
+            "status": {"observedGeneration": observed, **status},
+        }
+
+    assert not rollout_state(deployment(observed=1)).done
+    assert not rollout_state(deployment(updatedReplicas=1, replicas=2, availableReplicas=2)).done
+    assert not rollout_state(deployment(updatedReplicas=2, replicas=3, availableReplicas=2)).done
+    assert not rollout_state(deployment(updatedReplicas=2, replicas=2, availableReplicas=1)).done
+    assert rollout_state(deployment(updatedReplicas=2, replicas=2, availableReplicas=2)).done
+    stuck = deployment(
+        conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]
+    )
+    assert rollout_state(stuck).failed
+
+
+def test_progress_from_the_metric_history() -> None:
+    assert progress_status([], 5, NOW) == {"epoch": 0, "epochs": 5, "updatedAt": "2025-01-02T03:04:05Z"}
+    progress = progress_status([(0, 0.91), (1, 0.95)], 5, NOW)
+    assert progress["epoch"] == 2
+    assert progress["valAccuracy"] == 0.95
+
+
+# ------------------------------------------------------------------------ configuration
+
+
+def test_config_from_env() -> None:
+    config = OperatorConfig.from_env(
+        {
+            "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+            "MNIST_OPERATOR_NAMESPACES": "team-a, team-b,team-a",
+            "MNIST_OPERATOR_ROLLOUT_TIMEOUT_SECONDS": "120",
+            "MNIST_OPERATOR_HEALTH_PORT": "9090",
+            "MNIST_OPERATOR_LEADER_ELECTION": "false",
+            "POD_NAMESPACE": "mnist-mlops",
+            "POD_NAME": "operator-abc",
+        }
+    )
+    assert config.namespaces == ("team-a", "team-b")
+    assert not config.clusterwide
+    assert config.rollout_timeout_seconds == 120
+    assert config.liveness_endpoint == "http://0.0.0.0:9090/healthz"
+    assert config.leader_election is False
+    assert (config.lease_namespace, config.identity) == ("mnist-mlops", "operator-abc")
+    assert OperatorConfig.from_env({"MLFLOW_TRACKING_URI": "http://m"}).clusterwide
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "MLFLOW_TRACKING_URI is required"),
+        ({"MNIST_OPERATOR_HEALTH_PORT": "http"}, "MNIST_OPERATOR_HEALTH_PORT='http' is not a number"),
+        ({"MNIST_OPERATOR_HEALTH_PORT": "70000"}, "must be between 1 and 65535"),
+        ({"MNIST_OPERATOR_NAMESPACES": "Team_A"}, "'Team_A' is not a valid namespace name"),
+        ({"MNIST_OPERATOR_LEADER_ELECTION": "maybe"}, "is not a boolean"),
+        ({"MNIST_OPERATOR_FAILPOINT": "nowhere"}, "is not one of"),
+        ({"MNIST_OPERATOR_LOG_LEVEL": "loud"}, "is not one of DEBUG"),
+    ],
+)
+def test_config_errors_name_the_variable(env: dict[str, str], message: str) -> None:
+    base = {"MLFLOW_TRACKING_URI": "http://m"} if "MLFLOW_TRACKING_URI" not in message else {}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        OperatorConfig.from_env({**base, **env})
