@@ -36,6 +36,8 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
+from training_job.mlflow_server import free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "serve.json"
 CONCURRENCY = (1, 16, 64)
@@ -90,12 +92,6 @@ def naive_app() -> Any:
 
 
 # --- processes ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    from training_job.mlflow_server import free_port as pick
-
-    return pick()
 
 
 @dataclass
