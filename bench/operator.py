@@ -31,7 +31,7 @@ from typing import Any
 
 from kubernetes import client, config
 
-from tests.controlplane import ControlPlane
+from testing.controlplane import ControlPlane
 from tests.fixtures_operator import (
     KUBECTL,
     OPERATOR_NAMESPACE,

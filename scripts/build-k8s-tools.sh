@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds (once) and caches the binaries the integration tests need for a real
-# Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager and
+# single-node Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet, kube-proxy, kubectl, CoreDNS, metrics-server and
 # helm. Everything is compiled from Go modules fetched through the Go module
 # proxy, because that is the only source of binaries reachable on our machines
 # and in CI (no container images, no release tarballs).
@@ -19,8 +20,10 @@ KUBERNETES_VERSION="v1.37.2"
 # Same minor as the etcd client that kubernetes v1.37 is built against.
 ETCD_VERSION="v3.7.3"
 HELM_VERSION="v3.22.0"
+COREDNS_VERSION="v1.15.0"
+METRICS_SERVER_VERSION="v0.8.0"
 # Bump when the build recipe itself changes so stale caches are not reused.
-RECIPE_REVISION="1"
+RECIPE_REVISION="2"
 # ---------------------------------------------------------------------------
 
 log() { printf '[build-k8s-tools] %s\n' "$*" >&2; }
@@ -45,7 +48,7 @@ GOOS="$("$GO_BIN" env GOOS)"
 GOARCH="$("$GO_BIN" env GOARCH)"
 
 CACHE_ROOT="${MNIST_MLOPS_CACHE:-$HOME/.cache/mnist-mlops}/k8s-tools"
-KEY="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_${GO_VERSION}_${GOOS}-${GOARCH}_r${RECIPE_REVISION}"
+KEY="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}_ms-${METRICS_SERVER_VERSION}_${GO_VERSION}_${GOOS}-${GOARCH}_r${RECIPE_REVISION}"
 KEY_DIR="${CACHE_ROOT}/${KEY}"
 BIN_DIR="${KEY_DIR}/bin"
 STAMP="${KEY_DIR}/.complete"
@@ -78,7 +81,7 @@ go_mod_path() {
     "$GO_BIN" mod download -json "$1" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p'
 }
 
-# --- kube-apiserver + kube-controller-manager -------------------------------
+# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl ---
 build_kubernetes() {
     local dir="${WORK_DIR}/kubernetes"
     mkdir -p "$dir"
@@ -140,13 +143,19 @@ build_kubernetes() {
         ldflags+=" -X ${pkg}.buildDate=${build_date}"
     done
 
-    log "building kube-apiserver and kube-controller-manager ${KUBERNETES_VERSION} (slow on a cold cache)"
+    # One `go build` for all six: they share most packages, so the second binary costs little
+    # more than its link step.
+    log "building the Kubernetes ${KUBERNETES_VERSION} binaries (slow on a cold cache)"
     (
         cd "$dir"
         GOFLAGS="-mod=mod -buildvcs=false" "$GO_BIN" build -trimpath -ldflags="$ldflags" \
             -o "${STAGE_DIR}/" \
             k8s.io/kubernetes/cmd/kube-apiserver \
-            k8s.io/kubernetes/cmd/kube-controller-manager
+            k8s.io/kubernetes/cmd/kube-controller-manager \
+            k8s.io/kubernetes/cmd/kube-scheduler \
+            k8s.io/kubernetes/cmd/kubelet \
+            k8s.io/kubernetes/cmd/kube-proxy \
+            k8s.io/kubernetes/cmd/kubectl
     )
     # A staging module left unreplaced would fail the build above (v0.0.0 is
     # not on the proxy); this catches the subtler case of a wrong version.
@@ -201,9 +210,20 @@ build_helm() {
         "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
 }
 
+# --- CoreDNS and metrics-server: plain `go install`, their go.mod needs no replaces --------
+build_go_install() {
+    local name="$1" package="$2"
+    log "building ${name} (${package})"
+    GOFLAGS="" GOBIN="$STAGE_DIR" "$GO_BIN" install -trimpath -ldflags="-s -w" "$package"
+}
+
 t0=$(date +%s); build_etcd; log "etcd done in $(($(date +%s) - t0))s"
 t0=$(date +%s); build_helm; log "helm done in $(($(date +%s) - t0))s"
 t0=$(date +%s); build_kubernetes; log "kubernetes done in $(($(date +%s) - t0))s"
+t0=$(date +%s); build_go_install coredns "github.com/coredns/coredns@${COREDNS_VERSION}"
+log "coredns done in $(($(date +%s) - t0))s"
+t0=$(date +%s); build_go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@${METRICS_SERVER_VERSION}"
+log "metrics-server done in $(($(date +%s) - t0))s"
 
 # Smoke-check before publishing the cache: a binary that cannot even report
 # its version must not be cached as good.
@@ -211,6 +231,14 @@ t0=$(date +%s); build_kubernetes; log "kubernetes done in $(($(date +%s) - t0))s
     || die "kube-apiserver reports '$("${STAGE_DIR}/kube-apiserver" --version)', expected ${KUBERNETES_VERSION}"
 "${STAGE_DIR}/kube-controller-manager" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
     || die "kube-controller-manager version mismatch"
+for binary in kube-scheduler kubelet kube-proxy; do
+    "${STAGE_DIR}/${binary}" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
+        || die "${binary} version mismatch"
+done
+"${STAGE_DIR}/kubectl" version --client | grep -q "Client Version: ${KUBERNETES_VERSION}" \
+    || die "kubectl version mismatch"
+"${STAGE_DIR}/coredns" -version | grep -q "CoreDNS-${COREDNS_VERSION#v}" || die "coredns version mismatch"
+"${STAGE_DIR}/metrics-server" --version >/dev/null || die "metrics-server does not start"
 "${STAGE_DIR}/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" \
     || die "etcd reports '$("${STAGE_DIR}/etcd" --version | head -1)', expected ${ETCD_VERSION}"
 "${STAGE_DIR}/helm" version --short | grep -q "^${HELM_VERSION}" \
@@ -221,6 +249,8 @@ mv "$STAGE_DIR" "$BIN_DIR"
     echo "kubernetes=${KUBERNETES_VERSION}"
     echo "etcd=${ETCD_VERSION}"
     echo "helm=${HELM_VERSION}"
+    echo "coredns=${COREDNS_VERSION}"
+    echo "metrics_server=${METRICS_SERVER_VERSION}"
     echo "go=${GO_VERSION}"
     echo "build_seconds=$(($(date +%s) - START_TS))"
 } >"$STAMP"

@@ -34,9 +34,9 @@ def mnist_path() -> Path:
     return MNIST_PATH
 
 
-# --- Kubernetes control plane (tests/controlplane.py) ---------------------------------------
+# --- Kubernetes control plane (testing/controlplane.py) ---------------------------------------
 # Imported here rather than at the top so this block stays self-contained.
-from tests.controlplane import ControlPlane  # noqa: E402
+from testing.controlplane import ControlPlane  # noqa: E402
 
 
 @pytest.fixture(scope="session")

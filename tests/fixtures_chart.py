@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.controlplane import BIN_ENV_VAR, locate_binaries
+from testing.controlplane import BIN_ENV_VAR, locate_binaries
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = REPO_ROOT / "charts" / "mnist-mlops"

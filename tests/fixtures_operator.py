@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.controlplane import ControlPlane
+from testing.controlplane import ControlPlane
 from tests.fake_kubelet import FakeKubelet, wait_until
 from training_job.mlflow_server import MlflowServer, free_port, start_mlflow_server
 

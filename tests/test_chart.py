@@ -23,7 +23,7 @@ import yaml
 
 from mnist_operator.builders import build_job_spec
 from mnist_operator.config import OperatorConfig
-from tests.controlplane import ControlPlane, wait_for
+from testing.controlplane import ControlPlane, wait_for
 from tests.fixtures_chart import (
     CHART_DIR,
     CRD_PATH,

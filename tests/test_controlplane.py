@@ -15,7 +15,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from tests.controlplane import BUILD_SCRIPT, ControlPlane, ControlPlaneError, locate_binaries, wait_for
+from testing.controlplane import BUILD_SCRIPT, ControlPlane, ControlPlaneError, locate_binaries, wait_for
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 COMMAND_TIMEOUT_SECONDS = 60.0

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.controlplane import ControlPlane
+from testing.controlplane import ControlPlane
 from tests.fixtures_operator import CRD_PATH, kubectl, load_crd, unique_name
 from training_job.spec import (
     API_GROUP,

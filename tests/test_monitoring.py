@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from serving.metrics import EXPORTED_METRICS
-from tests.controlplane import wait_for
+from testing.controlplane import wait_for
 from tests.fixtures_chart import CHART_DIR, NAMESPACE, RELEASE, Helm, Rendered
 from tests.fixtures_serving import ServingProcess
 from training_job.mlflow_server import free_port

@@ -19,7 +19,7 @@ import yaml
 
 from mnist_operator import tracking
 from mnist_operator.builders import job_name
-from tests.controlplane import ControlPlane
+from testing.controlplane import ControlPlane
 from tests.fake_kubelet import FakeKubelet, wait_until
 from tests.fixtures_operator import (
     OPERATOR_NAMESPACE,
