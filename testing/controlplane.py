@@ -137,6 +137,31 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise ControlPlaneError(f"openssl {' '.join(args)} failed:\n{proc.stderr}")
 
 
+_CLIENT_EXTENSIONS = (
+    "basicConstraints=CA:FALSE\n"
+    "keyUsage=critical,digitalSignature,keyEncipherment\n"
+    "extendedKeyUsage=clientAuth\n"
+)
+
+
+def issue_certificate(
+    directory: Path, name: str, subject: str, extensions: str = _CLIENT_EXTENSIONS, issuer: str = "ca"
+) -> tuple[Path, Path]:
+    """A new EC key and a certificate for it signed by `issuer` (a CA in `directory`); returns
+    (certificate, key). EC keys: generating them is instant, unlike RSA, and every component
+    accepts them."""
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=directory)
+    _openssl("req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=directory)
+    (directory / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{issuer}.crt", "-CAkey", f"{issuer}.key",
+        "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext",
+        "-out", f"{name}.crt",
+        cwd=directory,
+    )  # fmt: skip
+    return directory / f"{name}.crt", directory / f"{name}.key"
+
+
 @dataclass(frozen=True)
 class Pki:
     """File paths of the keys and certificates of one control plane."""
@@ -156,7 +181,7 @@ class Pki:
     front_proxy_client_key: Path
 
     @classmethod
-    def generate(cls, directory: Path) -> Pki:
+    def generate(cls, directory: Path, serving_ips: Sequence[str] = ()) -> Pki:
         directory.mkdir(parents=True, exist_ok=True)
 
         def p(name: str) -> Path:
@@ -174,19 +199,7 @@ class Pki:
             )  # fmt: skip
 
         def leaf(name: str, subject: str, extensions: str, issuer: str = "ca") -> None:
-            _openssl(
-                "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=directory
-            )  # fmt: skip
-            _openssl(
-                "req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=directory
-            )  # fmt: skip
-            p(f"{name}.ext").write_text(extensions)
-            _openssl(
-                "x509", "-req", "-in", f"{name}.csr", "-CA", f"{issuer}.crt", "-CAkey", f"{issuer}.key",
-                "-CAcreateserial", "-days", "2", "-sha256", "-extfile", f"{name}.ext",
-                "-out", f"{name}.crt",
-                cwd=directory,
-            )  # fmt: skip
+            issue_certificate(directory, name, subject, extensions, issuer)
 
         ca("ca", "/CN=mnist-mlops-test-ca")
         leaf(
@@ -196,13 +209,11 @@ class Pki:
             "keyUsage=critical,digitalSignature,keyEncipherment\n"
             "extendedKeyUsage=serverAuth\n"
             "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,"
-            "DNS:kubernetes.default,DNS:kubernetes.default.svc\n",
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+            + "".join(f",IP:{ip}" for ip in serving_ips)
+            + "\n",
         )
-        client_ext = (
-            "basicConstraints=CA:FALSE\n"
-            "keyUsage=critical,digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=clientAuth\n"
-        )
+        client_ext = _CLIENT_EXTENSIONS
         # O= becomes the group: system:masters bypasses RBAC entirely, as kubeadm's admin.conf.
         leaf("admin", f"/O=system:masters/CN={ADMIN_USER}", client_ext)
         # The identity the default RBAC policy binds to system:kube-controller-manager.
@@ -306,6 +317,11 @@ class ControlPlane:
 
     bin_dir: Path
     root: Path
+    # Where the API server listens. Loopback unless pods must reach it (a real node): then the
+    # node's bridge address, which the `kubernetes` Service's endpoint points at.
+    address: str = LOOPBACK
+    # Pods run on a real kubelet: the node controllers run and the API server can reach kubelets.
+    with_node: bool = False
     etcd_port: int = 0
     etcd_peer_port: int = 0
     apiserver_port: int = 0
@@ -324,6 +340,9 @@ class ControlPlane:
         parent_dir: Path | None = None,
         timeout: float = START_TIMEOUT_SECONDS,
         attempts: int = 3,
+        *,
+        address: str = LOOPBACK,
+        with_node: bool = False,
     ) -> ControlPlane:
         """Start all components and wait until the API is usable; raise ControlPlaneError if not.
 
@@ -334,7 +353,7 @@ class ControlPlane:
         for attempt in range(1, attempts + 1):
             # A fresh directory per attempt: etcd must never see a previous attempt's data.
             workdir = Path(tempfile.mkdtemp(prefix="mnist-k8s-", dir=parent_dir))
-            plane = cls(bin_dir=resolved_bin, root=workdir)
+            plane = cls(bin_dir=resolved_bin, root=workdir, address=address, with_node=with_node)
             try:
                 plane._start(timeout)
             except ControlPlaneError as exc:
@@ -353,7 +372,7 @@ class ControlPlane:
         started = time.monotonic()
         deadline = started + timeout
         self.etcd_port, self.etcd_peer_port, self.apiserver_port, self.kcm_port = free_ports(4)
-        self.pki = Pki.generate(self.root / "pki")
+        self.pki = Pki.generate(self.root / "pki", serving_ips=self._serving_ips())
         _write_private(self.kubeconfig_path, json.dumps(self._admin_kubeconfig(), indent=2))
         _write_private(
             self.root / "kcm.kubeconfig",
@@ -412,7 +431,7 @@ class ControlPlane:
 
     @property
     def server_url(self) -> str:
-        return f"https://{LOOPBACK}:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
 
     @property
     def kubeconfig_path(self) -> Path:
@@ -551,12 +570,12 @@ class ControlPlane:
         }
         return kubeconfig_document(self.server_url, self._pki.ca_cert, user, user_name=ADMIN_USER)
 
-    def _spawn(self, name: str, args: Sequence[str]) -> _Process:
+    def _spawn(self, name: str, args: Sequence[str], executable: Path | None = None) -> _Process:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.component_log(name)
         log_handle = log_path.open("wb")
         popen = subprocess.Popen(
-            [str(self.bin_dir / name), *args],
+            [str(executable or self.bin_dir / name), *args],
             stdin=subprocess.DEVNULL,
             stdout=log_handle,
             stderr=subprocess.STDOUT,
@@ -649,8 +668,8 @@ class ControlPlane:
         pki = self._pki
         return [
             f"--etcd-servers=http://{LOOPBACK}:{self.etcd_port}",
-            f"--bind-address={LOOPBACK}",
-            f"--advertise-address={LOOPBACK}",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={self.apiserver_port}",
             f"--cert-dir={self.root / 'apiserver-certs'}",
             f"--tls-cert-file={pki.serving_cert}",
@@ -675,11 +694,31 @@ class ControlPlane:
             # Otherwise the API server itself rejects privileged pods and PodSecurity could
             # never be observed doing so.
             "--allow-privileged=true",
-            # The `kubernetes` Service endpoint would be 127.0.0.1, which Endpoints validation
-            # forbids; nothing here routes to it anyway.
-            "--endpoint-reconciler-type=none",
+            *self._node_apiserver_args(),
             "--profiling=false",
             "--v=1",
+        ]
+
+    def _serving_ips(self) -> list[str]:
+        if not self.with_node:
+            return []
+        # The first address of the service range is the `kubernetes` Service, which pods dial.
+        first_service_ip = SERVICE_CLUSTER_IP_RANGE.split("/", maxsplit=1)[0].rsplit(".", 1)[0] + ".1"
+        return [self.address, first_service_ip]
+
+    def _node_apiserver_args(self) -> list[str]:
+        if not self.with_node:
+            # The `kubernetes` Service endpoint would be 127.0.0.1, which Endpoints validation
+            # forbids; nothing here routes to it anyway.
+            return ["--endpoint-reconciler-type=none"]
+        pki = self._pki
+        # logs, exec and port-forward go from the API server to the kubelet; the admin identity
+        # (system:masters) passes the kubelet's webhook authorization.
+        return [
+            "--endpoint-reconciler-type=lease",
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",
         ]
 
     def _kcm_args(self) -> list[str]:
@@ -703,7 +742,8 @@ class ControlPlane:
             # ones left kube-controller-manager long ago); everything else (garbage collector,
             # job, deployment, replicaset, namespace, serviceaccount, serviceaccount-token, ...)
             # runs as in a real cluster.
-            "--controllers=*,-node-ipam-controller,-node-lifecycle-controller",
+            "--controllers=*,-node-ipam-controller"
+            + ("" if self.with_node else ",-node-lifecycle-controller"),
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             # A single instance: waiting for a leader lease would only slow start-up.
             "--leader-elect=false",

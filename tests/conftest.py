@@ -14,7 +14,12 @@ from training_job.mlflow_server import MlflowServer, start_mlflow_server
 from training_job.result import TrainingResult
 
 # Fixture modules of each area (tests/fixtures_<area>.py), shared across test files.
-pytest_plugins: list[str] = ["tests.fixtures_chart", "tests.fixtures_operator", "tests.fixtures_serving"]
+pytest_plugins: list[str] = [
+    "tests.fixtures_chart",
+    "tests.fixtures_node",
+    "tests.fixtures_operator",
+    "tests.fixtures_serving",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_PATH = Path(os.environ.get("MNIST_NPZ", REPO_ROOT / "data" / "mnist.npz"))

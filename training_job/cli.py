@@ -66,6 +66,8 @@ def spec_to_args(spec: TrainingRunSpec, run_name: str | None = None) -> list[str
     ]
     if hyper.augment:
         args.append("--augment")
+    if spec.max_train_samples is not None:
+        args.append(f"--max-train-samples={spec.max_train_samples}")
     if run_name:
         args.append(f"--run-name={run_name}")
     return args
@@ -115,6 +117,9 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
     """Parses and validates a `train` command line; errors exit with argparse's usage message."""
     parser = build_parser()
     namespace = parser.parse_args(list(argv))
+    max_samples = namespace.max_train_samples
+    if max_samples is None and os.environ.get(MAX_TRAIN_SAMPLES_ENV):
+        max_samples = int(os.environ[MAX_TRAIN_SAMPLES_ENV])
     try:
         spec = TrainingRunSpec(
             architecture=Architecture(namespace.architecture),
@@ -131,12 +136,10 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
             experiment=namespace.experiment,
             registered_model=namespace.registered_model,
             promotion=PromotionPolicySpec(minimum=namespace.min_accuracy),
+            max_train_samples=namespace.max_train_samples,
         )
     except ValueError as error:
         parser.error(str(error))
-    max_samples = namespace.max_train_samples
-    if max_samples is None and os.environ.get(MAX_TRAIN_SAMPLES_ENV):
-        max_samples = int(os.environ[MAX_TRAIN_SAMPLES_ENV])
     data_path = namespace.data or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
     return TrainCommand(
         spec=spec,

@@ -87,6 +87,8 @@ class TrainingRunSpec(_CamelModel):
     backoff_limit: int = Field(default=1, ge=0, le=10)
     active_deadline_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    # A quick run on the first N training examples (smoke tests, the end-to-end tier).
+    max_train_samples: int | None = Field(default=None, ge=100)
 
 
 class TrainingRunManifest(BaseModel):

@@ -1,0 +1,158 @@
+"""A real Prometheus (Debian's) that finds its targets through the Kubernetes API.
+
+prometheus-operator does not build here (its go.mod carries replace directives, so `go install`
+refuses it), so :func:`scrape_job` writes the scrape job that prometheus-operator generates from a
+ServiceMonitor, rule for rule: Kubernetes service discovery with role `endpoints`, the Service label
+selector and port kept, the namespace/service/pod/container/job/endpoint target labels, then the
+ServiceMonitor's own relabelings and metric relabelings. Discovery, scraping and querying are the
+real thing.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+START_TIMEOUT_SECONDS = 60.0
+
+
+def _label_name(label: str) -> str:
+    """Kubernetes service discovery's spelling of a label name inside __meta_ labels."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def _relabel(rule: dict[str, Any]) -> dict[str, Any]:
+    """A ServiceMonitor RelabelConfig (camelCase) as Prometheus' relabel_config (snake_case)."""
+    keys = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    converted = {keys.get(key, key): value for key, value in rule.items()}
+    converted["action"] = str(converted.get("action", "replace")).lower()
+    return converted
+
+
+def scrape_job(
+    monitor: dict[str, Any], kubeconfig: Path, index: int = 0, interval: str | None = None
+) -> dict[str, Any]:
+    """The scrape job for endpoint `index` of ServiceMonitor `monitor`, as prometheus-operator
+    generates it. `interval` overrides the monitor's (tests do not wait 15 s per sample)."""
+    namespace = monitor["metadata"]["namespace"]
+    endpoint = monitor["spec"]["endpoints"][index]
+    port = endpoint["port"]
+    match_labels: dict[str, str] = monitor["spec"]["selector"].get("matchLabels", {})
+    relabelings: list[dict[str, Any]] = [
+        {"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"},
+        *(
+            {
+                "source_labels": [
+                    f"__meta_kubernetes_service_label_{_label_name(key)}",
+                    f"__meta_kubernetes_service_labelpresent_{_label_name(key)}",
+                ],
+                "regex": f"({value});true",
+                "action": "keep",
+            }
+            for key, value in sorted(match_labels.items())
+        ),
+        {"source_labels": ["__meta_kubernetes_endpoint_port_name"], "regex": port, "action": "keep"},
+        {
+            "source_labels": [
+                "__meta_kubernetes_endpoint_address_target_kind",
+                "__meta_kubernetes_endpoint_address_target_name",
+            ],
+            "separator": ";",
+            "regex": "Pod;(.*)",
+            "replacement": "${1}",
+            "target_label": "pod",
+        },
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)", "action": "drop"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"},
+        {"target_label": "endpoint", "replacement": port},
+        *(_relabel(rule) for rule in endpoint.get("relabelings", [])),
+    ]
+    return {
+        "job_name": f"serviceMonitor/{namespace}/{monitor['metadata']['name']}/{index}",
+        "honor_labels": bool(endpoint.get("honorLabels", False)),
+        "scrape_interval": interval or endpoint.get("interval", "30s"),
+        "scrape_timeout": "1s" if interval else endpoint.get("scrapeTimeout", "10s"),
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "scheme": endpoint.get("scheme", "http"),
+        "kubernetes_sd_configs": [
+            {"role": "endpoints", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": [namespace]}}
+        ],
+        "relabel_configs": relabelings,
+        "metric_relabel_configs": [_relabel(rule) for rule in endpoint.get("metricRelabelings", [])],
+    }
+
+
+class Prometheus:
+    """Debian's prometheus on a free loopback port with the given scrape jobs."""
+
+    def __init__(self, jobs: list[dict[str, Any]], directory: Path) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError(
+                "prometheus is missing: apt-get install prometheus (scripts/install-system-deps.sh)"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"global": {"scrape_interval": "2s", "evaluation_interval": "2s"}, "scrape_configs": jobs}
+        config_path = directory / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = directory / "prometheus.log"
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={config_path}", f"--storage.tsdb.path={directory / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while not self._ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"prometheus did not become ready:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise RuntimeError(f"{expr}: {body}")
+        result = body["data"]["result"]
+        assert isinstance(result, list)
+        return result
+
+    def targets(self) -> list[dict[str, Any]]:
+        active = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        assert isinstance(active, list)
+        return active
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(20)
