@@ -18,11 +18,10 @@ KIND_CLUSTER ?= mnist-mlops
 IMAGE_TAG ?= dev
 K8S_NAMESPACE ?= mnist-mlops
 RELEASE ?= mnist-mlops
-IMAGES := training:training_job/Dockerfile serving:serving/Dockerfile operator:operator/Dockerfile
 PYTEST_ARGS ?=
 
 .PHONY: help venv system-deps demo test lint bench bench-train bench-serve bench-operator k8s-tools clean
-.PHONY: kind-up images deploy port-forward undeploy
+.PHONY: kind-up images deploy port-forward undeploy cluster-up cluster-down prerequisites
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -59,7 +58,18 @@ demo: $(VENV)/.ready ## Run the whole pipeline locally: MLflow, the experiment, 
 system-deps: ## Debian packages the tests drive (chromium, prometheus, wrk); installs only what is missing
 	bash scripts/install-system-deps.sh
 
-test: $(VENV)/.ready $(CHECKOV_VENV)/.ready system-deps ## Lint, type checks and the whole suite against real components
+# The Go build is CPU-bound and the image builds mostly wait on downloads, so they run side by
+# side; both are cached by content and take seconds when nothing changed.
+prerequisites: system-deps ## Build (or find cached) the Kubernetes binaries and the images, side by side
+	mkdir -p $(CACHE_DIR)/logs
+	bash scripts/build-k8s-tools.sh >$(CACHE_DIR)/logs/k8s-tools.out 2>$(CACHE_DIR)/logs/k8s-tools.log & tools=$$!; \
+	bash scripts/build-images.sh >$(CACHE_DIR)/logs/images.out 2>$(CACHE_DIR)/logs/images.log & images=$$!; \
+	status=0; \
+	wait $$tools || { status=1; echo "building the Kubernetes binaries failed:" >&2; tail -n 40 $(CACHE_DIR)/logs/k8s-tools.log >&2; }; \
+	wait $$images || { status=1; echo "building the images failed:" >&2; tail -n 40 $(CACHE_DIR)/logs/images.log >&2; }; \
+	exit $$status
+
+test: $(VENV)/.ready $(CHECKOV_VENV)/.ready prerequisites ## Lint, type checks and the whole suite against real components (a real node included)
 	$(MAKE) --no-print-directory lint
 	MNIST_MLOPS_K8S_BIN="$$(bash scripts/build-k8s-tools.sh | tail -n 1)" \
 	CHECKOV="$(CHECKOV_VENV)/bin/checkov" \
@@ -84,6 +94,14 @@ bench-operator: $(VENV)/.ready ## Operator: apply → Job latency for 1 and 200 
 clean: ## Remove local state (MLflow data, caches in the checkout)
 	rm -rf $(STATE_DIR) .mypy_cache .ruff_cache .pytest_cache
 
+# ---- This machine as a one-node cluster (Linux, root; see README "On this machine, without kind") ----
+
+cluster-up: $(VENV)/.ready prerequisites ## Start a real one-node cluster here (kubelet on containerd); prints KUBECONFIG
+	$(PY) -m testing.cluster up --state-dir $(STATE_DIR)/cluster
+
+cluster-down: $(VENV)/.ready ## Stop the cluster that cluster-up started and remove its pods, routes and rules
+	$(PY) -m testing.cluster down --state-dir $(STATE_DIR)/cluster
+
 # ---- The cluster path (a laptop with docker, kind, kubectl and helm; see README "On a cluster") ----
 
 kind-up: ## Create the kind cluster with ingress-nginx and kube-prometheus-stack
@@ -93,12 +111,21 @@ kind-up: ## Create the kind cluster with ingress-nginx and kube-prometheus-stack
 	helm upgrade --install monitoring kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts \
 		--namespace monitoring --create-namespace -f manifests/kube-prometheus-stack-values.yaml --wait --timeout 15m
 
-images: ## Build the training, serving and operator images and load them into the kind cluster
-	for pair in $(IMAGES); do \
-		docker build -f "$${pair#*:}" -t "mnist-mlops/$${pair%%:*}:$(IMAGE_TAG)" . ; \
-	done
-	kind load docker-image --name '$(KIND_CLUSTER)' \
-		mnist-mlops/training:$(IMAGE_TAG) mnist-mlops/serving:$(IMAGE_TAG) mnist-mlops/operator:$(IMAGE_TAG)
+# Where `make images` puts the images: kind (the default when kind is installed and the cluster
+# exists), local (the containerd at SOCK, in the CRI's k8s.io namespace) or none (docker only).
+NODE ?= $(shell command -v kind >/dev/null 2>&1 && kind get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)' && echo kind || echo none)
+SOCK ?= /run/containerd/containerd.sock
+KIND_IMAGES := training serving operator mlflow
+
+images: ## Build every image, cached by content (scripts/build-images.sh); NODE=kind|local|none: load into kind (default if the cluster exists), or SOCK's containerd, or neither
+	case '$(NODE)' in \
+	kind) bash scripts/build-images.sh; \
+		for image in $(KIND_IMAGES); do docker tag "mnist-mlops/$$image:dev" "mnist-mlops/$$image:$(IMAGE_TAG)"; done; \
+		kind load docker-image --name '$(KIND_CLUSTER)' $(foreach image,$(KIND_IMAGES),mnist-mlops/$(image):$(IMAGE_TAG)) ;; \
+	local) bash scripts/build-images.sh --import-into '$(SOCK)' ;; \
+	none) bash scripts/build-images.sh ;; \
+	*) echo "NODE=$(NODE): use kind, local or none" >&2; exit 2 ;; \
+	esac
 
 # No `helm --wait`: serving turns ready only once a model is promoted, so wait on the TrainingRun instead.
 deploy: ## Install the chart into a restricted namespace and wait for the first model to be served

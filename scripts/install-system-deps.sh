@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive for real: headless Chromium and its
-# driver (web page test), Prometheus and promtool (rules, scrape test), wrk (load generator).
+# driver (web page test), Prometheus and promtool (rules, scrape test), wrk (load generator), and
+# the real node's parts: docker (image builds), containerd + runc (the kubelet's runtime), the CNI
+# plugins, iptables and conntrack (kube-proxy), mmdebstrap (base images without a registry).
 # Idempotent and quick when everything is there; needs root (or sudo) only when something is missing.
 set -euo pipefail
 
@@ -10,6 +12,14 @@ declare -A wanted=(
   [prometheus]=/usr/bin/promtool
   [wrk]=/usr/bin/wrk
   [openssl]=/usr/bin/openssl
+  [docker.io]=/usr/sbin/dockerd
+  [containerd]=/usr/bin/containerd
+  [runc]=/usr/sbin/runc
+  [containernetworking-plugins]=/usr/lib/cni/bridge
+  [iptables]=/usr/sbin/iptables
+  [conntrack]=/usr/sbin/conntrack
+  [iproute2]=/usr/sbin/ip
+  [mmdebstrap]=/usr/bin/mmdebstrap
 )
 missing=()
 for package in "${!wanted[@]}"; do

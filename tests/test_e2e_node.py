@@ -71,6 +71,13 @@ class Platform:
     def kubectl(self, *args: str, timeout: float = 120.0, input_text: str | None = None) -> str:
         return self.cluster.kubectl("-n", NAMESPACE, *args, timeout=timeout, input_text=input_text)
 
+    def try_kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """kubectl whose failure is the expected outcome: the caller reads its exit code and stderr."""
+        return subprocess.run(
+            [str(self.cluster.plane.bin_dir / "kubectl"), "-n", NAMESPACE, *args],
+            capture_output=True, text=True, env=self.cluster.env(), timeout=60, check=False,
+        )  # fmt: skip
+
     def get(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json"))
 
@@ -103,11 +110,21 @@ class Platform:
         found: dict[str, Any] = self.get("trainingrun", name)
         return found
 
-    def champion_version(self) -> str:
-        response = httpx.get(
-            f"{self.service_url('mlflow')}/api/2.0/mlflow/registered-models/alias",
-            params={"name": MODEL, "alias": "champion"},
+    def mlflow_get(self, path: str, params: dict[str, str]) -> httpx.Response:
+        """GET from MLflow through its Service, naming it as pods do: MLflow refuses Host headers
+        other than its Service names (DNS-rebinding protection)."""
+        service = self.get("service", f"{RELEASE}-mlflow")
+        port = service["spec"]["ports"][0]["port"]
+        return httpx.get(
+            f"http://{service['spec']['clusterIP']}:{port}{path}",
+            params=params,
+            headers={"Host": f"{RELEASE}-mlflow.{NAMESPACE}.svc:{port}"},
             timeout=10,
+        )
+
+    def champion_version(self) -> str:
+        response = self.mlflow_get(
+            "/api/2.0/mlflow/registered-models/alias", {"name": MODEL, "alias": "champion"}
         )
         assert response.status_code == 200, response.text
         return str(response.json()["model_version"]["version"])
@@ -205,11 +222,7 @@ def test_platform_pods_run_restricted_on_the_real_kubelet(platform: Platform) ->
         deployment = f"deployment/{RELEASE}-{component}"
         # The kubelet ran the container as the images' user, on a read-only root filesystem.
         assert platform.kubectl("exec", deployment, "--", "id", "-u").strip() == "10001"
-        denied = subprocess.run(
-            [str(platform.cluster.plane.bin_dir / "kubectl"), "-n", NAMESPACE, "exec", deployment, "--",
-             "touch", "/opt/written"],
-            capture_output=True, text=True, env=platform.cluster.env(), timeout=60, check=False,
-        )  # fmt: skip
+        denied = platform.try_kubectl("exec", deployment, "--", "touch", "/opt/written")
         assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
     # MLflow's claim is bound to the local PersistentVolume on the node.
     claim = platform.get("pvc", "-l", "app.kubernetes.io/component=mlflow")["items"][0]
@@ -401,3 +414,204 @@ def test_fault_serving_pod_deleted_under_load(
     # request in flight on a closing keep-alive connection is what may still fail.
     assert failed <= 0.01 * outcome["requests"], outcome
     platform.rollout_status(f"{RELEASE}-serving", timeout=180)
+
+
+def _final(platform: Platform, name: str, timeout: float = TRAINING_TIMEOUT_SECONDS) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        run = platform.trainingrun(name)
+        return run if run.get("status", {}).get("phase") in FINAL_PHASES else None
+
+    try:
+        found: dict[str, Any] = wait_until(final, timeout, f"TrainingRun {name} to finish", interval=3)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+    return found
+
+
+def _fault_run(name: str, epochs: int) -> dict[str, Any]:
+    """A baseline run that is promoted whatever the champion scores (the gate is not under test)."""
+    return {
+        "apiVersion": "mnist-mlops.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "architecture": "baseline",
+            "hyperparameters": {"epochs": epochs},
+            "maxTrainSamples": MAX_TRAIN_SAMPLES,
+            "registeredModel": MODEL,
+            "promotion": {"metric": "test_accuracy", "minimum": PROMOTION_MINIMUM, "mustBeatChampion": False},
+        },
+    }
+
+
+def _model_version_exists(platform: Platform, version: str) -> bool:
+    response = platform.mlflow_get("/api/2.0/mlflow/model-versions/get", {"name": MODEL, "version": version})
+    return response.status_code == 200
+
+
+def test_fault_mlflow_pod_killed_while_a_job_trains(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    name = "fault-mlflow"
+    platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(_fault_run(name, epochs=3)))
+    # Killed once the run logs to MLflow: its MLflow run exists and epochs are being reported.
+    wait_until(
+        lambda: platform.trainingrun(name).get("status", {}).get("mlflowRunId"),
+        TRAINING_TIMEOUT_SECONDS,
+        "the training pod to start its MLflow run",
+    )
+    killed = platform.get("pods", "-l", "app.kubernetes.io/component=mlflow")["items"][0]["metadata"]["name"]
+    platform.kubectl("delete", "pod", killed, "--grace-period=0", "--force")
+    run = _final(platform, name)
+    status = run["status"]
+    job = platform.get("job", status["jobName"])
+    failures = job["status"].get("failed", 0)
+    print(f"\nMLflow killed during training: phase {status['phase']}, failed Job pods {failures}")
+    if status["phase"] == "Failed":
+        # Reported, with the reason: not silently lost.
+        assert status.get("message"), status
+    else:
+        assert status["phase"] in {"Promoted", "RolledBack"}, status
+        assert _model_version_exists(platform, status["modelVersion"]), status
+    platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+
+
+FREEZE_POLICY = "e2e-hold-serving-template"
+
+
+def _hold_serving_template() -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy that refuses changes to the serving pod template: the window
+    between the alias move and the rollout, held open so the operator can be killed inside it."""
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": FREEZE_POLICY},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["apps"],
+                            "apiVersions": ["v1"],
+                            "operations": ["UPDATE"],
+                            "resources": ["deployments"],
+                        }
+                    ]
+                },
+                "matchConditions": [
+                    {"name": "serving", "expression": f"object.metadata.name == '{RELEASE}-serving'"}
+                ],
+                "validations": [
+                    {
+                        "expression": "object.spec.template == oldObject.spec.template",
+                        "message": "the end-to-end test holds the serving pod template",
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": FREEZE_POLICY},
+            "spec": {
+                "policyName": FREEZE_POLICY,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+                },
+            },
+        },
+    ]
+
+
+def test_fault_operator_killed_between_promotion_and_rollout(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    deployment = f"{RELEASE}-serving"
+    platform.cluster.apply(_hold_serving_template())
+    probe = json.dumps({"spec": {"template": {"metadata": {"annotations": {"e2e/probe": str(time.time())}}}}})
+
+    def policy_active() -> bool:
+        result = platform.try_kubectl("patch", "deployment", deployment, "--dry-run=server", "-p", probe)
+        return result.returncode != 0 and "holds the serving pod template" in result.stderr
+
+    wait_until(policy_active, 30, "the admission policy to take effect")
+    name = "fault-operator"
+    released = False
+    try:
+        platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(_fault_run(name, epochs=1)))
+        version = wait_until(
+            lambda: platform.trainingrun(name).get("status", {}).get("modelVersion"),
+            TRAINING_TIMEOUT_SECONDS,
+            "the run to register its version",
+            interval=2,
+        )
+        wait_until(lambda: platform.champion_version() == version, 180, f"version {version} to be champion")
+        # Promoted in the registry, yet serving still runs the previous version: the window.
+        template = platform.get("deployment", deployment)["spec"]["template"]
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        assert env["SERVING_MODEL_URI"] != f"models:/{MODEL}/{version}"
+        operator_pod = platform.get("pods", "-l", "app.kubernetes.io/component=operator")["items"][0]
+        platform.kubectl("delete", "pod", operator_pod["metadata"]["name"], "--grace-period=0", "--force")
+        platform.cluster.kubectl(
+            "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", FREEZE_POLICY
+        )
+        released = True
+        run = _final(platform, name, timeout=300)
+        assert run["status"]["phase"] == "Promoted", run["status"]
+        platform.rollout_status(deployment, timeout=300)
+        template = platform.get("deployment", deployment)["spec"]["template"]
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        assert env["SERVING_MODEL_URI"] == f"models:/{MODEL}/{version}"
+        response = httpx.post(f"{platform.service_url('serving')}/predict", json=SAMPLE_DIGIT, timeout=10)
+        assert response.headers["X-Model-Version"] == version
+    finally:
+        if not released:
+            platform.cluster.kubectl(
+                "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", FREEZE_POLICY,
+                "--ignore-not-found",
+            )  # fmt: skip
+
+
+def test_helm_upgrade_to_a_newer_mlflow_migrates_its_database(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    champion = platform.champion_version()
+    repository, tag = _repository_and_tag(platform.cluster.images["mlflow"])
+    platform.helm(
+        "upgrade", RELEASE, str(CHART), "--reuse-values",
+        "--set", f"mlflow.image.repository={repository}", "--set", f"mlflow.image.tag={tag}",
+    )  # fmt: skip
+    platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+    pod = platform.get("pods", "-l", "app.kubernetes.io/component=mlflow")["items"][0]
+    assert pod["spec"]["containers"][0]["image"].endswith(tag)
+    init = pod["spec"].get("initContainers") or []
+    assert init, "the MLflow pod runs its database migration first"
+    migration_log = platform.kubectl("logs", pod["metadata"]["name"], "-c", init[0]["name"])
+    print(f"\nmigration log tail:\n{migration_log[-1500:]}")
+    # The registry survived the migration, and serving is untouched by it.
+    assert platform.champion_version() == champion
+    assert _model_version_exists(platform, champion)
+    response = httpx.post(f"{platform.service_url('serving')}/predict", json=SAMPLE_DIGIT, timeout=10)
+    assert response.status_code == 200 and response.headers["X-Model-Version"] == champion
+
+
+def test_helm_uninstall_leaves_no_workload(platform: Platform, trained: dict[str, dict[str, Any]]) -> None:
+    # TrainingRuns are the user's, not the release's: deleting them takes their Jobs with them.
+    platform.kubectl("delete", "trainingruns", "--all", "--wait=true", timeout=180)
+    platform.helm("uninstall", RELEASE, "--wait", "--timeout", "3m")
+
+    def nothing_left() -> bool:
+        left = platform.get("deployments,replicasets,statefulsets,jobs,pods,services,hpa,pdb")["items"]
+        return not left
+
+    try:
+        wait_until(nothing_left, 120, "every workload to go", interval=2)
+    except TimeoutError as exc:
+        left = platform.get("deployments,replicasets,statefulsets,jobs,pods,services,hpa,pdb")["items"]
+        raise AssertionError(f"{exc}: {[(o['kind'], o['metadata']['name']) for o in left]}") from exc
+    # The MLflow claim stays on purpose (helm.sh/resource-policy: keep): the registry outlives
+    # the release.
+    claims = platform.get("pvc")["items"]
+    assert [claim["metadata"]["name"] for claim in claims] == [f"{RELEASE}-mlflow"]
