@@ -3,7 +3,9 @@ kube-controller-manager, a real MLflow server, and the real training entrypoint 
 kubelet (tests/fake_kubelet.py) in place of a node.
 
 The operator runs with a token of its own ServiceAccount, so every test here also shows that
-operator/rbac.yaml is enough. Trainings are capped (1 epoch, 3000 examples) to take seconds.
+operator/rbac.yaml is enough. Trainings are capped (1 epoch, 3000 examples) to take seconds; the
+tests marked slow train for real, the others have the fake kubelet run a stand-in trainer that logs
+and registers a version without TensorFlow (`stand_in_trainer`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,19 @@ import copy
 import json
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
 
 from mnist_operator import tracking
-from mnist_operator.builders import job_name
+from mnist_operator.builders import job_name, model_uri_of
 from testing.controlplane import ControlPlane
 from tests.fake_kubelet import FakeKubelet, wait_until
 from tests.fixtures_operator import (
     OPERATOR_NAMESPACE,
+    REPO_ROOT,
     SEED_MANIFESTS,
     OperatorAccount,
     OperatorFactory,
@@ -51,8 +55,6 @@ from training_job.spec import (
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
-
-pytestmark = pytest.mark.slow
 
 TRAINING_TIMEOUT = 900.0
 FINAL = ("Promoted", "Rejected", "RolledBack", "Failed")
@@ -141,6 +143,11 @@ def replicasets_of(plane: ControlPlane, namespace: str, deployment: str) -> list
     ]
 
 
+def model_uri_in(plane: ControlPlane, namespace: str, deployment: str) -> str | None:
+    """SERVING_MODEL_URI of the Deployment's pod template: what its pods load when they start."""
+    return model_uri_of(get_json(plane, "deployment", deployment, "-n", namespace))
+
+
 def annotation_of(plane: ControlPlane, namespace: str, deployment: str) -> str | None:
     document = get_json(plane, "deployment", deployment, "-n", namespace)
     value = (document["spec"]["template"]["metadata"].get("annotations") or {}).get(MODEL_VERSION_ANNOTATION)
@@ -158,7 +165,10 @@ def deploy_serving(plane: ControlPlane, namespace: str, model: str, version: str
     name = "serving"
     deployment = serving_deployment(name, namespace, model)
     if version is not None:
+        # As a rollout by the operator leaves it: annotated and pinned.
         deployment["spec"]["template"]["metadata"]["annotations"] = {MODEL_VERSION_ANNOTATION: version}
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        container["env"] = [{"name": "SERVING_MODEL_URI", "value": f"models:/{model}/{version}"}]
     kubectl_ok(plane, "apply", "-f", "-", manifest=deployment)
     wait_deployment_available(plane, namespace, name)
     return name
@@ -194,6 +204,7 @@ def seed_runs(namespace: str, model: str) -> list[dict[str, Any]]:
     return runs
 
 
+@pytest.mark.slow
 def test_seed_runs_end_promoted_or_rejected_exactly_as_the_policy_says(
     *,
     control_plane: ControlPlane,
@@ -280,11 +291,142 @@ def condition_or_none(document: dict[str, Any], type_: str, reason: str) -> bool
     )
 
 
+# ------------------------------------------------------------------------ pinned rollouts, fast
+
+# `python -m training_job` as the fake kubelet runs it, without TensorFlow: a run with the accuracy
+# the test asks for, a registered version of it, and the result as the termination message. The
+# package's other modules (cli, result) are the real ones: __path__ goes on into the real package.
+STAND_IN_INIT = """
+__path__.append({real!r})
+"""
+STAND_IN_MAIN = """
+import os
+import sys
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from training_job.cli import parse_train_command
+from training_job.result import TrainingResult, write_termination_message
+
+command = parse_train_command(sys.argv[1:])
+spec, accuracy = command.spec, float(os.environ["STAND_IN_TEST_ACCURACY"])
+client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+experiment = client.get_experiment_by_name(spec.experiment)
+experiment_id = experiment.experiment_id if experiment else client.create_experiment(spec.experiment)
+run = client.create_run(experiment_id, tags={"trainingrun.uid": command.trainingrun.uid or ""})
+run_id = run.info.run_id
+client.log_metric(run_id, "test_accuracy", accuracy)
+client.set_terminated(run_id)
+try:
+    client.create_registered_model(spec.registered_model)
+except MlflowException:
+    pass  # registered by an earlier run
+version = client.create_model_version(spec.registered_model, f"runs:/{run_id}/onnx", run_id)
+result = TrainingResult(
+    run_id=run_id,
+    experiment_id=experiment_id,
+    registered_model=spec.registered_model,
+    model_version=str(version.version),
+    architecture=spec.architecture.value,
+    metrics={"test_accuracy": accuracy},
+    onnx_model_uri=f"runs:/{run_id}/onnx",
+    keras_model_uri=f"runs:/{run_id}/keras",
+)
+write_termination_message(result)
+print(result.to_json())
+"""
+
+
+@pytest.fixture(scope="module")
+def stand_in_trainer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory to put first on the training pod's PYTHONPATH (see STAND_IN_MAIN)."""
+    root = tmp_path_factory.mktemp("stand-in-trainer")
+    package = root / "training_job"
+    package.mkdir()
+    (package / "__init__.py").write_text(STAND_IN_INIT.format(real=str(REPO_ROOT / "training_job")))
+    (package / "__main__.py").write_text(STAND_IN_MAIN)
+    return root
+
+
+def train_stand_in(fake_kubelet: FakeKubelet, trainer: Path, run: str, accuracy: float) -> None:
+    fake_kubelet.override_env(run, PYTHONPATH=f"{trainer}:{REPO_ROOT}", STAND_IN_TEST_ACCURACY=str(accuracy))
+
+
+def template_hash(plane: ControlPlane, namespace: str, deployment: str, uri: str) -> str:
+    """The pod-template-hash of the Deployment's ReplicaSet whose pods load `uri`."""
+    (found,) = [
+        rs["metadata"]["labels"]["pod-template-hash"]
+        for rs in replicasets_of(plane, namespace, deployment)
+        if model_uri_of(rs) == uri
+    ]
+    return str(found)
+
+
+def test_a_promotion_pins_the_version_in_the_pod_template_and_a_rollback_restores_the_previous_pin(
+    *,
+    control_plane: ControlPlane,
+    operators: OperatorFactory,
+    watched_namespace: str,
+    fake_kubelet: FakeKubelet,
+    registered_model: str,
+    mlflow_client: MlflowClient,
+    stand_in_trainer: Path,
+) -> None:
+    namespace, model = watched_namespace, registered_model
+    seeded = seed_champion(mlflow_client, model, 0.1)
+    serving = deploy_serving(control_plane, namespace, model, version=seeded)
+    operators.start([namespace], rollout_timeout_seconds="15").wait_leading()
+
+    first = unique_name("pin")
+    train_stand_in(fake_kubelet, stand_in_trainer, first, 0.9)
+    kubectl_ok(control_plane, "apply", "-f", "-", manifest=trainingrun(first, namespace, quick_spec(model)))
+    promoted = wait_for_trainingrun(
+        control_plane, namespace, first, predicate=phase_in(*FINAL), timeout=180, what="to be promoted"
+    )
+    assert promoted["status"]["phase"] == "Promoted", promoted["status"]
+    version = promoted["status"]["modelVersion"]
+    assert version != seeded
+    # The pods of the new ReplicaSet load exactly that version, whenever they start.
+    assert model_uri_in(control_plane, namespace, serving) == f"models:/{model}/{version}"
+    assert annotation_of(control_plane, namespace, serving) == version
+    (entry,) = promoted["status"]["rollout"]["deployments"]
+    assert entry == {
+        "name": serving,
+        "previousVersion": seeded,
+        "previousModelUri": f"models:/{model}/{seeded}",
+    }
+    assert len(replicasets_of(control_plane, namespace, serving)) == 2
+    promoted_hash = template_hash(control_plane, namespace, serving, f"models:/{model}/{version}")
+
+    # The next promoted version's pods never become ready: the rollback puts the previous pin back.
+    fake_kubelet.never_become_ready(namespace, serving)
+    second = unique_name("pin")
+    train_stand_in(fake_kubelet, stand_in_trainer, second, 0.95)
+    kubectl_ok(control_plane, "apply", "-f", "-", manifest=trainingrun(second, namespace, quick_spec(model)))
+    rolled_back = wait_for_trainingrun(
+        control_plane, namespace, second, predicate=phase_in(*FINAL), timeout=180, what="to roll back"
+    )
+    status = rolled_back["status"]
+    assert status["phase"] == "RolledBack", status
+    assert status["championVersion"] == version
+    assert model_uri_in(control_plane, namespace, serving) == f"models:/{model}/{version}"
+    assert annotation_of(control_plane, namespace, serving) == version
+    assert alias_version(mlflow_client, model, CHAMPION_ALIAS) == version
+    # The restored template is the promoted one again: the Deployment went back to that revision's
+    # ReplicaSet rather than making a new one, as `kubectl rollout undo` would.
+    failed_uri = f"models:/{model}/{status['modelVersion']}"
+    assert len(replicasets_of(control_plane, namespace, serving)) == 3
+    assert template_hash(control_plane, namespace, serving, f"models:/{model}/{version}") == promoted_hash
+    assert template_hash(control_plane, namespace, serving, failed_uri) != promoted_hash
+
+
 # ------------------------------------------------------------------------ failure paths
 
 STANDBY_OF_A = {"role": "standby", "identity": "operator-b", "leader": "operator-a"}
 
 
+@pytest.mark.slow
 def test_a_failed_training_fails_the_run_with_the_reason(
     *,
     control_plane: ControlPlane,
@@ -328,6 +470,7 @@ def test_a_failed_training_fails_the_run_with_the_reason(
     }
 
 
+@pytest.mark.slow
 def test_mlflow_outage_then_a_stalled_rollout_ends_rolled_back(
     *,
     control_plane: ControlPlane,
@@ -402,9 +545,11 @@ def test_mlflow_outage_then_a_stalled_rollout_ends_rolled_back(
     assert alias_version(mlflow_client, model, CHAMPION_ALIAS) == seeded
     assert mlflow_client.get_model_version(model, status["modelVersion"]).tags["promoted"] == "rolled-back"
     assert annotation_of(control_plane, namespace, serving) == seeded
+    assert model_uri_in(control_plane, namespace, serving) == f"models:/{model}/{seeded}"
     assert "RolledBack" in {event["reason"] for event in events_of(control_plane, namespace, name)}
 
 
+@pytest.mark.slow
 def test_operator_crashes_at_the_worst_moments_and_the_standby_finishes_without_duplicates(
     *,
     control_plane: ControlPlane,
@@ -466,6 +611,7 @@ def test_operator_crashes_at_the_worst_moments_and_the_standby_finishes_without_
 # ------------------------------------------------------------------------ RBAC
 
 
+@pytest.mark.slow
 def test_a_namespaced_operator_works_within_its_rbac_and_is_forbidden_outside_it(
     *,
     control_plane: ControlPlane,

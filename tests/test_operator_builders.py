@@ -13,8 +13,12 @@ from mnist_operator.builders import (
     build_job_spec,
     build_rollout_patch,
     job_name,
+    model_uri_of,
     model_version_annotation,
+    pinned_model_uri,
     resource_requirements,
+    served_version,
+    serving_containers,
     serving_label_selector,
 )
 from mnist_operator.config import ConfigError, OperatorConfig
@@ -151,6 +155,29 @@ def test_image_override_and_service_account() -> None:
     assert "serviceAccountName" not in job_for()["spec"]["template"]["spec"]
 
 
+def test_training_pods_log_in_to_mlflow_and_pull_with_the_charts_secrets() -> None:
+    config = OperatorConfig(
+        mlflow_tracking_uri="http://m",
+        mlflow_auth_secret="mlflow-admin",
+        mlflow_auth_password_key="pass",
+        training_image_pull_secrets=("registry-a", "registry.b"),
+    )
+    pod = job_for(config=config)["spec"]["template"]["spec"]
+    env = {item["name"]: item for item in pod["containers"][0]["env"]}
+    assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mlflow-admin", "key": "username"}
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"] == {
+        "secretKeyRef": {"name": "mlflow-admin", "key": "pass"}
+    }
+    assert pod["imagePullSecrets"] == [{"name": "registry-a"}, {"name": "registry.b"}]
+    plain = job_for()["spec"]["template"]["spec"]
+    assert "imagePullSecrets" not in plain
+    assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & {
+        item["name"] for item in plain["containers"][0]["env"]
+    }
+
+
 def test_resources_defaults_and_gpu() -> None:
     assert resource_requirements(None, "1", "2Gi") == {
         "requests": {"cpu": "1", "memory": "2Gi"},
@@ -182,11 +209,64 @@ def test_serving_selector() -> None:
     )
 
 
-def test_rollout_patch_sets_and_removes_the_annotation() -> None:
-    patch = build_rollout_patch("7")
-    assert patch == {"spec": {"template": {"metadata": {"annotations": {MODEL_VERSION_ANNOTATION: "7"}}}}}
+def serving_deployment(uri: str | None, annotation: str | None = None) -> dict[str, Any]:
+    env = [{"name": "SERVING_HOST", "value": "0.0.0.0"}]
+    if uri is not None:
+        env.append({"name": "SERVING_MODEL_URI", "value": uri})
+    metadata = {"annotations": {MODEL_VERSION_ANNOTATION: annotation}} if annotation else {}
+    return {
+        "spec": {
+            "template": {
+                "metadata": metadata,
+                "spec": {"containers": [{"name": "serving", "env": env}, {"name": "sidecar", "env": []}]},
+            }
+        }
+    }
+
+
+def test_rollout_patch_pins_the_version_in_the_serving_container() -> None:
+    deployment = serving_deployment("models:/mnist-cnn@champion")
+    assert serving_containers(deployment) == {"serving": "models:/mnist-cnn@champion"}
+    assert pinned_model_uri("mnist-cnn", "7") == "models:/mnist-cnn/7"
+    patch = build_rollout_patch("7", pinned_model_uri("mnist-cnn", "7"), list(serving_containers(deployment)))
+    # A strategic merge patch: containers and env merge by name, the sidecar is left alone.
+    assert patch == {
+        "spec": {
+            "template": {
+                "metadata": {"annotations": {MODEL_VERSION_ANNOTATION: "7"}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "serving",
+                            "env": [{"name": "SERVING_MODEL_URI", "value": "models:/mnist-cnn/7"}],
+                        }
+                    ]
+                },
+            }
+        }
+    }
     assert model_version_annotation(patch) == "7"
+    assert model_uri_of(patch) == "models:/mnist-cnn/7"
+    assert served_version(patch, "mnist-cnn") == "7"
+
+
+def test_rollout_patch_without_a_serving_container_sets_only_the_annotation() -> None:
+    patch = build_rollout_patch("7", "models:/m/7", [])
+    assert patch == {"spec": {"template": {"metadata": {"annotations": {MODEL_VERSION_ANNOTATION: "7"}}}}}
     assert model_version_annotation(build_rollout_patch(None)) is None
+
+
+def test_served_version_reads_the_pin_then_the_annotation() -> None:
+    assert served_version(serving_deployment("models:/mnist-cnn/12", annotation="12"), "mnist-cnn") == "12"
+    # An alias-served template (a fresh install, or an older operator's rollout): the annotation.
+    assert (
+        served_version(serving_deployment("models:/mnist-cnn@champion", annotation="3"), "mnist-cnn") == "3"
+    )
+    assert served_version(serving_deployment("models:/mnist-cnn@champion"), "mnist-cnn") is None
+    # A pin of another model is not this model's version.
+    assert served_version(serving_deployment("models:/other/5"), "mnist-cnn") is None
+    assert served_version(serving_deployment("models:/mnist-cnn-v2/5"), "mnist-cnn") is None
+    assert model_uri_of(serving_deployment(None)) is None
 
 
 # ------------------------------------------------------------------------ status
@@ -331,8 +411,14 @@ def test_config_from_env() -> None:
             "MNIST_OPERATOR_LEADER_ELECTION": "false",
             "POD_NAMESPACE": "mnist-mlops",
             "POD_NAME": "operator-abc",
+            "MNIST_OPERATOR_TRAINING_IMAGE_PULL_SECRETS": "regcred, other.registry,regcred",
+            "MNIST_OPERATOR_MLFLOW_AUTH_SECRET": "mlflow-admin",
+            "MNIST_OPERATOR_MLFLOW_AUTH_USERNAME_KEY": "user",
         }
     )
+    assert config.training_image_pull_secrets == ("regcred", "other.registry")
+    assert (config.mlflow_auth_secret, config.mlflow_auth_username_key) == ("mlflow-admin", "user")
+    assert config.mlflow_auth_password_key == "password"
     assert config.namespaces == ("team-a", "team-b")
     assert not config.clusterwide
     assert config.rollout_timeout_seconds == 120
@@ -352,6 +438,7 @@ def test_config_from_env() -> None:
         ({"MNIST_OPERATOR_LEADER_ELECTION": "maybe"}, "is not a boolean"),
         ({"MNIST_OPERATOR_FAILPOINT": "nowhere"}, "is not one of"),
         ({"MNIST_OPERATOR_LOG_LEVEL": "loud"}, "is not one of DEBUG"),
+        ({"MNIST_OPERATOR_TRAINING_IMAGE_PULL_SECRETS": "ok,Bad_Name"}, "'Bad_Name' is not a valid object"),
     ],
 )
 def test_config_errors_name_the_variable(env: dict[str, str], message: str) -> None:

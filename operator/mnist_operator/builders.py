@@ -6,7 +6,8 @@ repeated create safe: the second attempt meets 409 Conflict and adopts the Job t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mnist_operator.config import OperatorConfig
@@ -27,6 +28,8 @@ TRAININGRUN_UID_ANNOTATION = f"{API_GROUP}/trainingrun-uid"
 JOB_SUFFIX = "-train"
 CONTAINER_NAME = "train"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# The serving setting (serving/settings.py) a rollout pins to the promoted version.
+SERVING_MODEL_URI_ENV = "SERVING_MODEL_URI"
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 10001
 # Inside the pod: the emptyDir mount that makes a read-only root filesystem workable.
@@ -118,7 +121,7 @@ def build_job_spec(
         f"--trainingrun-namespace={namespace}",
         f"--trainingrun-uid={uid}",
     ]
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri},
         # Mirrors terminationMessagePath for the process (training_job.result reads it).
         {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
@@ -129,6 +132,18 @@ def build_job_spec(
         {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_DIR}/.matplotlib"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if config.mlflow_auth_secret:
+        # The MLflow client reads basic-auth credentials only from these variables.
+        env += [
+            {
+                "name": variable,
+                "valueFrom": {"secretKeyRef": {"name": config.mlflow_auth_secret, "key": key}},
+            }
+            for variable, key in (
+                ("MLFLOW_TRACKING_USERNAME", config.mlflow_auth_username_key),
+                ("MLFLOW_TRACKING_PASSWORD", config.mlflow_auth_password_key),
+            )
+        ]
     resources = resource_requirements(spec.resources, config.default_cpu, config.default_memory)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -156,6 +171,8 @@ def build_job_spec(
     }
     if config.training_service_account:
         pod_spec["serviceAccountName"] = config.training_service_account
+    if config.training_image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in config.training_image_pull_secrets]
     if GPU_RESOURCE in resources["limits"]:
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     job_spec: dict[str, Any] = {
@@ -219,9 +236,58 @@ def serving_label_selector(registered_model: str, serving_selector: Mapping[str,
     return ",".join(terms)
 
 
-def build_rollout_patch(version: str | None) -> dict[str, Any]:
-    """A merge patch of the pod-template annotation: a new value rolls the pods, None removes it."""
-    return {"spec": {"template": {"metadata": {"annotations": {MODEL_VERSION_ANNOTATION: version}}}}}
+def pinned_model_uri(registered_model: str, version: str) -> str:
+    """The exact registry reference a rollout writes into the serving pods' environment."""
+    return f"models:/{registered_model}/{version}"
+
+
+def serving_containers(deployment: Mapping[str, Any]) -> dict[str, str]:
+    """Container name → literal SERVING_MODEL_URI of each container of the pod template that has one."""
+    pod_spec = deployment.get("spec", {}).get("template", {}).get("spec", {}) or {}
+    found: dict[str, str] = {}
+    for container in pod_spec.get("containers") or []:
+        for item in container.get("env") or []:
+            if item.get("name") == SERVING_MODEL_URI_ENV and item.get("value") is not None:
+                found[str(container["name"])] = str(item["value"])
+    return found
+
+
+def model_uri_of(deployment: Mapping[str, Any]) -> str | None:
+    """The model URI the serving pods load (the first serving container's), or None without one."""
+    uris = serving_containers(deployment)
+    return next(iter(uris.values()), None) if uris else None
+
+
+def served_version(deployment: Mapping[str, Any], registered_model: str) -> str | None:
+    """The version the pod template serves: its pinned URI, else the annotation (alias-served pods)."""
+    pinned = re.compile(rf"models:/{re.escape(registered_model)}/(?P<version>[0-9]+)")
+    for uri in serving_containers(deployment).values():
+        match = pinned.fullmatch(uri)
+        if match is not None:
+            return match["version"]
+    return model_version_annotation(deployment)
+
+
+def build_rollout_patch(
+    version: str | None, model_uri: str | None = None, containers: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A strategic merge patch of the pod template: the version annotation (None removes it, and
+    the ServiceMonitor labels series with it) and, in each named container, SERVING_MODEL_URI.
+
+    The URI is pinned (models:/<name>/<version>) rather than left on the alias, so every pod of a
+    ReplicaSet loads the same version whenever it starts, and the Deployment's revision history is
+    the model's history: `kubectl rollout undo` goes back to the previous model. Strategic merge
+    merges `containers` and `env` by name, so nothing else in the template is touched.
+    """
+    template: dict[str, Any] = {"metadata": {"annotations": {MODEL_VERSION_ANNOTATION: version}}}
+    if model_uri is not None and containers:
+        template["spec"] = {
+            "containers": [
+                {"name": name, "env": [{"name": SERVING_MODEL_URI_ENV, "value": model_uri}]}
+                for name in sorted(containers)
+            ]
+        }
+    return {"spec": {"template": template}}
 
 
 def model_version_annotation(deployment: Mapping[str, Any]) -> str | None:

@@ -44,6 +44,13 @@ class OperatorConfig:
     lease_duration_seconds: int = 15
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     training_service_account: str | None = None
+    # Pull secrets of the training pods: Secrets of that name in each TrainingRun's namespace.
+    training_image_pull_secrets: tuple[str, ...] = ()
+    # MLflow basic auth: the training pods read MLFLOW_TRACKING_USERNAME/PASSWORD from this Secret,
+    # looked up in the TrainingRun's namespace (a pod can only reference Secrets of its own).
+    mlflow_auth_secret: str | None = None
+    mlflow_auth_username_key: str = "username"
+    mlflow_auth_password_key: str = "password"  # noqa: S105 (the Secret key's name, not a password)
     default_cpu: str = "1"
     default_memory: str = "2Gi"
     mlflow_timeout_seconds: int = 10
@@ -102,6 +109,14 @@ class OperatorConfig:
             ),
             identity=reader.text("IDENTITY", "") or env.get("POD_NAME", "") or defaults.identity,
             training_service_account=reader.text("TRAINING_SERVICE_ACCOUNT", "") or None,
+            training_image_pull_secrets=reader.object_names("TRAINING_IMAGE_PULL_SECRETS"),
+            mlflow_auth_secret=reader.text("MLFLOW_AUTH_SECRET", "") or None,
+            mlflow_auth_username_key=reader.text(
+                "MLFLOW_AUTH_USERNAME_KEY", defaults.mlflow_auth_username_key
+            ),
+            mlflow_auth_password_key=reader.text(
+                "MLFLOW_AUTH_PASSWORD_KEY", defaults.mlflow_auth_password_key
+            ),
             default_cpu=reader.text("DEFAULT_CPU", defaults.default_cpu),
             default_memory=reader.text("DEFAULT_MEMORY", defaults.default_memory),
             mlflow_timeout_seconds=int(
@@ -177,6 +192,15 @@ class _Reader:
         for item in names:
             if not _is_dns_label(item):
                 raise ConfigError(f"{PREFIX}{name}: {item!r} is not a valid namespace name")
+        return names
+
+    def object_names(self, name: str) -> tuple[str, ...]:
+        """Comma-separated object names (DNS subdomains: Secret names may contain dots)."""
+        raw = self._raw(name) or ""
+        names = tuple(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+        for item in names:
+            if len(item) > 253 or not all(_is_dns_label(label) for label in item.split(".")):
+                raise ConfigError(f"{PREFIX}{name}: {item!r} is not a valid object name")
         return names
 
 

@@ -29,7 +29,10 @@ from mnist_operator.builders import (
     build_job_spec,
     build_rollout_patch,
     job_name,
-    model_version_annotation,
+    model_uri_of,
+    pinned_model_uri,
+    served_version,
+    serving_containers,
     serving_label_selector,
 )
 from mnist_operator.config import OperatorConfig
@@ -52,7 +55,7 @@ from mnist_operator.status import (
     training_result,
 )
 from training_job.registry import AliasMove
-from training_job.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec
+from training_job.spec import API_GROUP, API_VERSION, CHAMPION_ALIAS, PLURAL, TrainingRunSpec
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -487,17 +490,29 @@ class Run:
                 self.update.condition(Condition.ROLLED_OUT, True, "NoServingDeployments", message)
                 return
             replaced = self.update.get("previousChampionVersion")
+            pinned = pinned_model_uri(self.model, self.version)
             plan: list[dict[str, str]] = []
             for deployment in sorted(deployments, key=lambda d: str(d["metadata"]["name"])):
                 deployment_name = str(deployment["metadata"]["name"])
-                current = model_version_annotation(deployment)
-                # Already ours: an earlier attempt patched it and died before recording the plan.
-                previous = replaced if current == self.version else current
-                plan.append({"name": deployment_name, **({"previousVersion": previous} if previous else {})})
-                if current != self.version:
+                current = served_version(deployment, self.model)
+                entry = {"name": deployment_name}
+                if current == self.version:
+                    # Already ours: an earlier attempt patched it and died before recording the plan.
+                    if replaced:
+                        entry["previousVersion"] = replaced
+                        entry["previousModelUri"] = pinned_model_uri(self.model, replaced)
+                else:
+                    if current:
+                        entry["previousVersion"] = current
+                    uri = model_uri_of(deployment)
+                    if uri:
+                        entry["previousModelUri"] = uri
                     await self.rt.kube.patch_deployment(
-                        self.namespace, deployment_name, build_rollout_patch(self.version)
+                        self.namespace,
+                        deployment_name,
+                        build_rollout_patch(self.version, pinned, list(serving_containers(deployment))),
                     )
+                plan.append(entry)
             self.rt.failpoint("after-rollout-patch", self.logger)
         deadline = self.update.now + datetime.timedelta(seconds=self.rt.config.rollout_timeout_seconds)
         names = ", ".join(entry["name"] for entry in plan)
@@ -519,7 +534,7 @@ class Run:
             deployment = await self.rt.kube.read_deployment(self.namespace, entry["name"])
             if deployment is None:
                 states.append(RolloutState(True, False, f"{entry['name']}: deleted"))
-            elif model_version_annotation(deployment) != self.version:
+            elif served_version(deployment, self.model) != self.version:
                 states.append(RolloutState(True, False, f"{entry['name']}: since rolled to another version"))
             else:
                 states.append(rollout_state(deployment))
@@ -547,17 +562,28 @@ class Run:
             )
             for entry in rollout.get("deployments") or []:
                 deployment = await self.rt.kube.read_deployment(self.namespace, entry["name"])
-                if deployment is not None and model_version_annotation(deployment) == self.version:
-                    await self.rt.kube.patch_deployment(
-                        self.namespace, entry["name"], build_rollout_patch(entry.get("previousVersion"))
-                    )
+                if deployment is None or served_version(deployment, self.model) != self.version:
+                    continue
+                previous = entry.get("previousVersion")
+                # The URI the pods had before; a plan recorded without one (an older operator) gets the
+                # replaced version pinned, or the alias when there was none.
+                uri = entry.get("previousModelUri") or (
+                    pinned_model_uri(self.model, previous)
+                    if previous
+                    else f"models:/{self.model}@{CHAMPION_ALIAS}"
+                )
+                await self.rt.kube.patch_deployment(
+                    self.namespace,
+                    entry["name"],
+                    build_rollout_patch(previous, uri, list(serving_containers(deployment))),
+                )
         if not restored:
             alias = "the champion alias had already moved on and was left alone"
         elif replaced:
             alias = f"the champion alias is back on version {replaced}"
         else:
             alias = "there was no earlier champion, so the champion alias was removed"
-        message = f"{why}; {alias} and the serving annotation was restored"
+        message = f"{why}; {alias} and the serving pods' model was restored"
         self.update.phase(Phase.ROLLED_BACK, message)
         self.update.condition(Condition.ROLLED_OUT, False, reason, why)
         self.update.condition(Condition.ROLLED_BACK, True, reason, message)

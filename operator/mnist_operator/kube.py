@@ -15,6 +15,8 @@ from kubernetes.aio.client.exceptions import ApiException
 
 REQUEST_TIMEOUT_SECONDS = 30.0
 MERGE_PATCH = "application/merge-patch+json"
+# Merges lists by their keys (containers and env by name), so a patch touches one env var only.
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 FIELD_MANAGER = "mnist-operator"
 
 
@@ -102,7 +104,7 @@ class Kube:
             namespace,
             dict(patch),
             field_manager=FIELD_MANAGER,
-            _content_type=MERGE_PATCH,
+            _content_type=STRATEGIC_MERGE_PATCH,
             _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
         return dict(self._plain(patched))
