@@ -22,6 +22,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help venv system-deps demo test lint bench bench-train bench-serve bench-operator k8s-tools clean
 .PHONY: kind-up images deploy port-forward undeploy cluster-up cluster-down prerequisites
+.PHONY: check audit
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -79,6 +80,22 @@ lint: $(VENV)/.ready ## ruff and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The inner loop: lint, type checks (mypy's incremental cache) and the unit tests that need no cluster,
+# no training, no browser and no network (the audit's own logic included, its PyPI queries not).
+# scripts/ is type-checked on its own: with PYTHONPATH exported, mypy silences what only tests import.
+CHECK_TESTS := tests/test_policy_spec.py tests/test_serving_preprocess.py tests/test_operator_builders.py \
+	tests/test_data.py tests/test_audit.py
+check: $(VENV)/.ready ## Fast inner loop, <2 min warm: ruff, format, mypy, unit tests needing no cluster/training/browser
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy scripts/audit_requirements.py
+	$(PY) -m pytest -q $(CHECK_TESTS) -k 'not requirement_set_has and not ignore_entries_are' $(PYTEST_ARGS)
+
+# `make test` runs the same audit as tests/test_audit.py, where an unaudited package is a warning.
+audit: $(VENV)/.ready $(CHECKOV_VENV)/.ready ## Known vulnerabilities in every requirements/*.txt set (strict; ignores: requirements/audit-ignore.conf)
+	CHECKOV="$(CHECKOV_VENV)/bin/checkov" $(PY) scripts/audit_requirements.py --strict
 
 bench: bench-train bench-serve bench-operator ## All benchmarks (tables on stdout, JSON in bench/results/)
 
