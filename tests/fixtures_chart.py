@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from testing.controlplane import BIN_ENV_VAR, locate_binaries
+from testing.upstream import module_file, prometheus_operator_crds
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART_DIR = REPO_ROOT / "charts" / "mnist-mlops"
@@ -190,125 +191,14 @@ def kubectl(
     return proc
 
 
-# Stand-ins for prometheus-operator's ServiceMonitor and PrometheusRule CRDs, so the API server
-# accepts (and checks) those objects in tests. Not the upstream CRDs: they type only the fields
-# this chart sets, keep everything else (x-kubernetes-preserve-unknown-fields), and say so in
-# their annotations. A real cluster gets the real ones from kube-prometheus-stack.
-STAND_IN_CRDS = """
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: servicemonitors.monitoring.coreos.com
-  annotations:
-    mnist-mlops.io/stand-in: "test stand-in for prometheus-operator's CRD; not the upstream schema"
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names:
-    kind: ServiceMonitor
-    listKind: ServiceMonitorList
-    plural: servicemonitors
-    singular: servicemonitor
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            spec:
-              type: object
-              required: [selector, endpoints]
-              x-kubernetes-preserve-unknown-fields: true
-              properties:
-                selector:
-                  type: object
-                  properties:
-                    matchLabels: {type: object, additionalProperties: {type: string}}
-                namespaceSelector:
-                  type: object
-                  properties:
-                    any: {type: boolean}
-                    matchNames: {type: array, items: {type: string}}
-                endpoints:
-                  type: array
-                  minItems: 1
-                  items:
-                    type: object
-                    x-kubernetes-preserve-unknown-fields: true
-                    properties:
-                      port: {type: string}
-                      path: {type: string, pattern: "^/"}
-                      interval: &duration
-                        type: string
-                        pattern: "^(0|([0-9]+(ms|s|m|h|d|w|y))+)$"
-                      scrapeTimeout: *duration
-                      relabelings: &relabel
-                        type: array
-                        items:
-                          type: object
-                          properties:
-                            sourceLabels:
-                              type: array
-                              items: {type: string, pattern: "^[a-zA-Z_][a-zA-Z0-9_]*$"}
-                            targetLabel: {type: string}
-                            regex: {type: string}
-                            replacement: {type: string}
-                            separator: {type: string}
-                            modulus: {type: integer}
-                            action:
-                              type: string
-                              enum: [replace, Replace, keep, Keep, drop, Drop, hashmod, HashMod,
-                                     labelmap, LabelMap, labeldrop, LabelDrop, labelkeep, LabelKeep,
-                                     lowercase, Lowercase, uppercase, Uppercase, keepequal, KeepEqual,
-                                     dropequal, DropEqual]
-                      metricRelabelings: *relabel
----
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: prometheusrules.monitoring.coreos.com
-  annotations:
-    mnist-mlops.io/stand-in: "test stand-in for prometheus-operator's CRD; not the upstream schema"
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names:
-    kind: PrometheusRule
-    listKind: PrometheusRuleList
-    plural: prometheusrules
-    singular: prometheusrule
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            spec:
-              type: object
-              properties:
-                groups:
-                  type: array
-                  items:
-                    type: object
-                    required: [name, rules]
-                    properties:
-                      name: {type: string, minLength: 1}
-                      interval: {type: string}
-                      rules:
-                        type: array
-                        items:
-                          type: object
-                          required: [expr]
-                          properties:
-                            alert: {type: string}
-                            record: {type: string}
-                            expr: {x-kubernetes-int-or-string: true}
-                            for: {type: string}
-                            keep_firing_for: {type: string}
-                            labels: {type: object, additionalProperties: {type: string}}
-                            annotations: {type: object, additionalProperties: {type: string}}
-"""
+# The custom resources the chart renders beside its own are checked against their real CRDs:
+# prometheus-operator's ServiceMonitor and PrometheusRule, and the Gateway API's HTTPRoute, fetched
+# at test time into the Go module cache (testing/upstream.py); no upstream file is in this repository.
+GATEWAY_API = ("sigs.k8s.io/gateway-api", "v1.5.1")
+GATEWAY_API_CRDS = {"HTTPRoute": "config/crd/standard/gateway.networking.k8s.io_httproutes.yaml"}
+
+
+def upstream_crd_files() -> list[Path]:
+    module, version = GATEWAY_API
+    gateway = [module_file(module, version, relative) for relative in GATEWAY_API_CRDS.values()]
+    return [*prometheus_operator_crds(), *gateway]

@@ -6,22 +6,27 @@ profile) and checkov. Every ci/*-values.yaml scenario is rendered once (tests/fi
 from __future__ import annotations
 
 import functools
+import http.server
 import json
 import os
 import re
+import sqlite3
 import subprocess
+import sys
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from mnist_operator.builders import build_job_spec
+from mnist_operator.builders import build_job_spec, build_rollout_patch
 from mnist_operator.config import OperatorConfig
 from testing.controlplane import ControlPlane, wait_for
 from tests.fixtures_chart import (
@@ -30,16 +35,17 @@ from tests.fixtures_chart import (
     NAMESPACE,
     RELEASE,
     SCENARIOS,
-    STAND_IN_CRDS,
     Helm,
     Rendered,
     kubectl,
+    parse_documents,
     pod_templates,
     selector_matches,
+    upstream_crd_files,
     values_file,
 )
 from training_job.mlflow_server import free_port, mlflow_executable
-from training_job.spec import TrainingRunSpec
+from training_job.spec import MODEL_VERSION_ANNOTATION, TrainingRunSpec
 
 REPO_ROOT = CHART_DIR.parent.parent
 APP_UID = 10001
@@ -51,7 +57,7 @@ kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
 )
 # The oldest version the chart supports (Chart.yaml kubeVersion), the kubectl here, the newest.
 SCHEMA_VERSIONS = ("1.29.0", "1.32.0", "1.37.0")
-CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "TrainingRun"}
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "TrainingRun", "HTTPRoute"}
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace"}
 REQUIRED_LABELS = (
     "helm.sh/chart",
@@ -68,11 +74,23 @@ def name_of(component: str) -> str:
     return f"{RELEASE}-{component}"
 
 
+def is_hook(doc: dict[str, Any]) -> bool:
+    """A Helm hook (the `helm test` pod): run once on demand, not part of the running release."""
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
+
+
 # --- helm lint and values -----------------------------------------------------------------------
 
 
 def test_scenarios_cover_the_required_setups() -> None:
-    assert {"default", "postgresql", "ingress-tls", "monitoring-off", "namespaced-rbac"} <= set(SCENARIOS)
+    assert {
+        "default",
+        "postgresql",
+        "ingress-tls",
+        "monitoring-off",
+        "namespaced-rbac",
+        "gateway-api",
+    } <= set(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -138,8 +156,18 @@ def test_notes_tell_the_user_what_to_do_next(
         "https://mnist.example.com/predict",
         f"port-forward service/{name_of('mlflow')} 5000:5000",
         'TrainingRun "mnist-first-run"',
+        f"helm test {RELEASE} -n {NAMESPACE}",
     ):
         assert expected in notes, f"NOTES lacks {expected!r}:\n{notes}"
+    gateway = helm.run(
+        [
+            "install", RELEASE, str(CHART_DIR), "--dry-run=client", "--namespace", NAMESPACE,
+            "--values", str(values_file("gateway-api")), "--kubeconfig", str(control_plane.kubeconfig_path),
+        ]
+    )  # fmt: skip
+    notes = gateway.stdout.split("NOTES:", 1)[1]
+    assert "curl -s -X POST http://mnist.example.com/predict" in notes, notes
+    assert "through the Gateway shared-gateway" in notes, notes
 
 
 # --- what every scenario renders ----------------------------------------------------------------
@@ -164,7 +192,7 @@ def test_labels_names_and_namespaces(rendered: dict[str, Rendered], scenario: st
             assert "namespace" not in meta
         else:
             assert meta.get("namespace") in {NAMESPACE, *watch}, f"{doc['kind']}/{meta['name']}"
-        for template in pod_templates(doc):
+        for template in pod_templates(doc) if doc["kind"] != "Pod" else []:
             template_labels = template["metadata"]["labels"]
             assert selector_matches(doc["spec"]["selector"], template_labels), f"{meta['name']}: selector"
 
@@ -183,7 +211,8 @@ def test_every_pod_meets_the_restricted_profile(rendered: dict[str, Rendered], s
         assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault", where
         assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), where
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        for container in spec["containers"] + spec.get("initContainers", []):
+        init = spec.get("initContainers", [])
+        for container in spec["containers"] + init:
             sc = container["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, where
             assert sc["readOnlyRootFilesystem"] is True, where
@@ -195,7 +224,9 @@ def test_every_pod_meets_the_restricted_profile(rendered: dict[str, Rendered], s
             resources = container["resources"]
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(resources[kind]), f"{where}: {kind}"
-            assert container["livenessProbe"] and container["readinessProbe"], where
+            # Init containers and hook pods run to completion: probes do not apply to them.
+            if container not in init and not is_hook(doc):
+                assert container["livenessProbe"] and container["readinessProbe"], where
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -317,6 +348,201 @@ def test_mlflow_backends(rendered: dict[str, Rendered]) -> None:
         assert client_env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin"
 
 
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_mlflow_migrates_its_database_before_the_server_starts(rendered: dict[str, Rendered]) -> None:
+    for scenario in ("default", "postgresql"):
+        spec = rendered[scenario].one("Deployment", name_of("mlflow"))["spec"]["template"]["spec"]
+        (init,) = spec["initContainers"]
+        server = spec["containers"][0]
+        assert init["name"] == "db-upgrade"
+        assert init["image"] == server["image"], "the migrations are the server's own version's"
+        assert init["command"] == ["mlflow", "db", "upgrade"]
+        assert init["securityContext"] == server["securityContext"]
+        assert {m["mountPath"] for m in init["volumeMounts"]} == {"/mlflow", "/tmp"}
+        if scenario == "default":
+            # The same database the server is started on.
+            assert init["args"] == ["sqlite:////mlflow/mlflow.db"]
+            assert f"--backend-store-uri={init['args'][0]}" in server["args"]
+        else:
+            # The kubelet expands $(VAR) from the container's own env: the URI stays in the Secret.
+            assert init["args"] == ["$(MLFLOW_BACKEND_STORE_URI)"]
+            assert _env(init)["MLFLOW_BACKEND_STORE_URI"] == _env(server)["MLFLOW_BACKEND_STORE_URI"]
+            assert _env(init)["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {
+                "name": "mlflow-postgresql",
+                "key": "uri",
+            }
+
+
+def _expand(arguments: list[str], env: dict[str, str]) -> list[str]:
+    """The kubelet's $(VAR) expansion of command and args (unknown references stay as written)."""
+    return [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), a) for a in arguments]
+
+
+@pytest.mark.parametrize("scenario", ["default", "postgresql"])
+def test_rendered_db_upgrade_command_migrates_a_database(
+    rendered: dict[str, Rendered], scenario: str, tmp_path: Path
+) -> None:
+    """The init container's command, run with the real mlflow: the SQLite file on the volume, and
+    for PostgreSQL the URI the Secret provides (a SQLite URI here: no PostgreSQL server in tests;
+    the URI's scheme only picks the SQLAlchemy driver)."""
+    spec = rendered[scenario].one("Deployment", name_of("mlflow"))["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    database = tmp_path / "mlflow.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"HOME": str(tmp_path), "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{database}"})
+    command = _expand([*init["command"], *init["args"]], env)
+    command = [arg.replace("sqlite:////mlflow/", f"sqlite:///{tmp_path}/") for arg in command]
+    assert command[:3] == ["mlflow", "db", "upgrade"] and command[3] == f"sqlite:///{database}"
+    proc = subprocess.run(
+        [mlflow_executable(), *command[1:]], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with sqlite3.connect(database) as connection:
+        (version,) = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert version, "the schema is at a migration head"
+    if scenario != "default":
+        return
+    # Run again on an up-to-date database (every restart does): nothing to do, still success.
+    again = subprocess.run(
+        [mlflow_executable(), *command[1:]], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_mlflow_image_and_storage_for_an_air_gapped_cluster(
+    rendered: dict[str, Rendered], helm: Helm
+) -> None:
+    result = rendered["gateway-api"]
+    mlflow = result.one("Deployment", name_of("mlflow"))["spec"]["template"]["spec"]
+    # A custom image carries the extras itself: no "-full" appended, though PostgreSQL is on.
+    for container in (*mlflow["initContainers"], *mlflow["containers"]):
+        assert container["image"] == "registry.example.com/mnist-mlops/mlflow:3.17.2"
+        # Plain `mlflow` from the PATH, no shell or entrypoint of the official image needed.
+        assert container["command"][0] == "mlflow"
+    assert mlflow["imagePullSecrets"] == [{"name": "registry-credentials"}]
+    assert result.one("PersistentVolumeClaim")["spec"]["storageClassName"] == "local-manual"
+    # "-" asks for no class at all (binds class-less PersistentVolumes); empty leaves the default.
+    none = parse_documents(helm.template(set_values=["mlflow.persistence.storageClass=-"]).stdout)
+    (claim,) = [doc for doc in none if doc["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["storageClassName"] == ""
+    assert "storageClassName" not in rendered["default"].one("PersistentVolumeClaim")["spec"]
+
+
+def test_training_jobs_get_the_mlflow_credentials_and_pull_secrets(rendered: dict[str, Rendered]) -> None:
+    """The Job the chart's operator builds logs in to MLflow like the operator does, and pulls with
+    the chart's imagePullSecrets."""
+    for scenario, secrets in (("postgresql", ()), ("gateway-api", ("registry-credentials",))):
+        result = rendered[scenario]
+        container = result.one("Deployment", name_of("operator"))["spec"]["template"]["spec"]["containers"][0]
+        config = OperatorConfig.from_env({e["name"]: e["value"] for e in container["env"] if "value" in e})
+        job = build_job_spec(
+            name="probe", namespace=NAMESPACE, uid=str(uuid.uuid4()), spec=TrainingRunSpec(), config=config
+        )
+        pod = job["spec"]["template"]["spec"]
+        assert tuple(s["name"] for s in pod.get("imagePullSecrets", [])) == secrets
+        env = _env(pod["containers"][0])
+        if result.values().get("mlflow", {}).get("auth", {}).get("enabled"):
+            operator_env = _env(container)
+            for variable in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert env[variable]["valueFrom"] == operator_env[variable]["valueFrom"], variable
+        else:
+            assert "MLFLOW_TRACKING_PASSWORD" not in env
+
+
+def test_httproute_routes_to_the_serving_service(rendered: dict[str, Rendered]) -> None:
+    route = rendered["gateway-api"].one("HTTPRoute", name_of("serving"))
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    values = rendered["gateway-api"].values()["serving"]["httpRoute"]
+    assert route["spec"]["parentRefs"] == values["parentRefs"]
+    assert route["spec"]["hostnames"] == ["mnist.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    service = rendered["gateway-api"].one("Service", name_of("serving"))
+    assert rule["backendRefs"] == [{"name": name_of("serving"), "port": service["spec"]["ports"][0]["port"]}]
+    for scenario in SCENARIOS:
+        if scenario != "gateway-api":
+            assert not rendered[scenario].of_kind("HTTPRoute"), scenario
+
+
+def test_httproute_without_a_gateway_is_refused(helm: Helm) -> None:
+    proc = helm.template(set_values=["serving.httpRoute.enabled=true"], check=False)
+    assert proc.returncode != 0 and "parentRefs" in proc.stderr, proc.stderr
+
+
+def _helm_test_pod(result: Rendered) -> dict[str, Any]:
+    (pod,) = [doc for doc in result.of_kind("Pod") if is_hook(doc)]
+    return pod
+
+
+def test_helm_test_pod_checks_serving_and_mlflow(rendered: dict[str, Rendered]) -> None:
+    for scenario in SCENARIOS:
+        result = rendered[scenario]
+        pod = _helm_test_pod(result)
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        container = pod["spec"]["containers"][0]
+        serving = result.one("Deployment", name_of("serving"))["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == serving["image"], "the serving image, which has Python"
+        assert container["command"][:2] == ["python", "-c"]
+        assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["spec"]["automountServiceAccountToken"] is False
+        services = {doc["metadata"]["name"]: doc for doc in result.of_kind("Service")}
+        urls = container["args"]
+        assert [urllib.parse.urlsplit(url).path for url in urls] == ["/health/ready", "/health"]
+        for url in urls:
+            host, _, port = urllib.parse.urlsplit(url).netloc.partition(":")
+            name, namespace = host.split(".")[:2]
+            assert namespace == NAMESPACE
+            assert int(port) in {p["port"] for p in services[name]["spec"]["ports"]}, url
+        # MLflow's NetworkPolicy admits the test pod (the release's own pods); its own admits nothing.
+        policy = result.one("NetworkPolicy", name_of("mlflow"))
+        assert _mlflow_admits(policy, pod["metadata"]["labels"], NAMESPACE)
+        own = result.one("NetworkPolicy", pod["metadata"]["name"])
+        assert is_hook(own) and selector_matches(own["spec"]["podSelector"], pod["metadata"]["labels"])
+        assert own["spec"]["policyTypes"] == ["Ingress"] and not own["spec"].get("ingress")
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    statuses: ClassVar[dict[str, int]] = {}
+
+    def do_GET(self) -> None:
+        status = self.statuses.get(self.path, 404)
+        self.send_response(status)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("ready", "exit_ok"), [(200, True), (503, False)])
+def test_helm_test_pod_command_passes_only_when_both_answer(
+    rendered: dict[str, Rendered], ready: int, exit_ok: bool
+) -> None:
+    """The pod's python -c, run here against loopback stand-ins for the two Services."""
+    container = _helm_test_pod(rendered["default"])["spec"]["containers"][0]
+    _Health.statuses = {"/health/ready": ready, "/health": 200}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        args = [base + urllib.parse.urlsplit(url).path for url in container["args"]]
+        proc = subprocess.run(
+            [sys.executable, *container["command"][1:], *args], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (proc.returncode == 0) is exit_ok, proc.stdout + proc.stderr
+    if exit_ok:
+        assert proc.stdout.count(" 200") == 2
+    else:
+        assert "503" in proc.stderr
+
+
 def test_monitoring_off_renders_no_monitoring_kinds(rendered: dict[str, Rendered]) -> None:
     kinds = {doc["kind"] for doc in rendered["monitoring-off"].documents}
     assert not kinds & {"ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
@@ -374,7 +600,7 @@ def test_mlflow_is_reachable_only_from_the_platforms_pods(
         assert not _mlflow_admits(policy, training, "some-other-team")
     for outsider in ({"app": "notebook"}, {"app.kubernetes.io/part-of": "something-else"}, {}):
         assert not _mlflow_admits(policy, outsider, NAMESPACE), outsider
-    # Every pod of the chart is covered by some NetworkPolicy.
+    # Every pod of the chart is covered by some NetworkPolicy (the helm test pod by a deny-all one).
     policies = result.of_kind("NetworkPolicy")
     for name, labels in pods.items():
         assert any(selector_matches(p["spec"]["podSelector"], labels) for p in policies), name
@@ -448,12 +674,13 @@ def _namespace_manifest(name: str, labels: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(control_plane: ControlPlane) -> Iterator[dict[str, str]]:
-    """The control plane with the chart's CRD, the monitoring stand-in CRDs and restricted namespaces."""
+    """The control plane with the chart's CRD, the real upstream CRDs of the other custom resources
+    it renders (ServiceMonitor, PrometheusRule, HTTPRoute) and restricted namespaces."""
     env = control_plane.env()
-    crds = [json.dumps(doc) for doc in yaml.safe_load_all(STAND_IN_CRDS) if doc]
     assert CRD_PATH.exists(), f"the TrainingRun CRD is missing at {CRD_PATH}"
-    for crd in [*crds, CRD_PATH.read_text()]:
-        kubectl(env, "apply", "--server-side", "-f", "-", manifest=crd, check=True)
+    files = upstream_crd_files()
+    for path in [*files, CRD_PATH]:
+        kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", str(path), check=True)
     kubectl(env, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all", check=True)
     for namespace in (NAMESPACE, "mnist-team-a"):
         kubectl(
@@ -490,14 +717,15 @@ def test_server_side_dry_run_in_a_restricted_namespace(
     cluster: dict[str, str], rendered: dict[str, Rendered], scenario: str
 ) -> None:
     result = rendered[scenario]
+    # A Pod naming a ServiceAccount that does not exist is refused (the chart's helm test pod, and
+    # the pod templates below), so those are created for real first.
+    accounts = result.of_kind("ServiceAccount")
+    kubectl(cluster, "apply", "-f", "-", manifest=_object_list(accounts), check=True)
     proc = kubectl(cluster, "apply", "--dry-run=server", "-f", "-", manifest=_object_list(result.documents))
     assert proc.returncode == 0, f"{scenario}: the API server rejected the chart:\n{proc.stderr}"
     assert "PodSecurity" not in proc.stderr, f"{scenario}: PodSecurity warnings:\n{proc.stderr}"
     # Workload objects only draw PodSecurity warnings; Pods are what `enforce` rejects. Submitting
-    # each pod template as a Pod has admission judge exactly what the controllers will create. A
-    # Pod naming a ServiceAccount that does not exist is refused, so those are created for real.
-    accounts = result.of_kind("ServiceAccount")
-    kubectl(cluster, "apply", "-f", "-", manifest=_object_list(accounts), check=True)
+    # each pod template as a Pod has admission judge exactly what the controllers will create.
     pods = _pods_from_templates(result)
     proc = kubectl(cluster, "apply", "--dry-run=server", "-f", "-", manifest=_object_list(pods))
     assert proc.returncode == 0, f"{scenario}: PodSecurity (restricted) rejected a pod:\n{proc.stderr}"
@@ -586,6 +814,96 @@ def test_helm_install_runs_every_pod_under_the_restricted_profile(
     kept = kubectl(cluster, "get", "pvc", name_of("mlflow"), "-n", namespace)
     assert kept.returncode == 0, "the MLflow PVC should survive helm uninstall"
     kubectl(cluster, "delete", "namespace", namespace, "--wait=false")
+
+
+def _serving_uri(cluster: dict[str, str], namespace: str) -> str:
+    deployment = json.loads(
+        kubectl(
+            cluster, "get", "deployment", name_of("serving"), "-n", namespace, "-o", "json", check=True
+        ).stdout
+    )
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return str(_env(container)["SERVING_MODEL_URI"]["value"])
+
+
+def test_helm_upgrade_keeps_the_version_the_operator_pinned(
+    cluster: dict[str, str], helm: Helm, control_plane: ControlPlane
+) -> None:
+    """The operator pins SERVING_MODEL_URI on a promotion; an upgrade of the release (here changing
+    another setting of the same container) must not put the alias back, or every upgrade would roll
+    serving to whatever the alias says and lose the Deployment's model history."""
+    namespace = f"mnist-upgrade-{uuid.uuid4().hex[:6]}"
+    kubectl(
+        cluster, "apply", "-f", "-", manifest=_namespace_manifest(namespace, RESTRICTED_LABELS), check=True
+    )
+    control_plane.wait_for_serviceaccount(namespace)
+    common = ["--namespace", namespace, "--values", str(values_file("monitoring-off")),
+              "--kubeconfig", str(control_plane.kubeconfig_path)]  # fmt: skip
+    try:
+        helm.run(["install", RELEASE, str(CHART_DIR), *common])
+        assert _serving_uri(cluster, namespace) == "models:/mnist-cnn@champion"
+        # What the operator's rollout does (builders.build_rollout_patch): a strategic merge patch.
+        patch = build_rollout_patch("4", "models:/mnist-cnn/4", ["serving"])
+        kubectl(
+            cluster, "patch", "deployment", name_of("serving"), "-n", namespace, "--type=strategic",
+            "-p", json.dumps(patch), check=True,
+        )  # fmt: skip
+        helm.run(["upgrade", RELEASE, str(CHART_DIR), *common, "--set", "serving.logLevel=debug"])
+        deployment = json.loads(
+            kubectl(
+                cluster, "get", "deployment", name_of("serving"), "-n", namespace, "-o", "json", check=True
+            ).stdout
+        )
+        env = _env(deployment["spec"]["template"]["spec"]["containers"][0])
+        assert env["SERVING_LOG_LEVEL"]["value"] == "debug", "the upgrade was applied"
+        assert env["SERVING_MODEL_URI"]["value"] == "models:/mnist-cnn/4", "the pin survived the upgrade"
+        assert deployment["spec"]["template"]["metadata"]["annotations"][MODEL_VERSION_ANNOTATION] == "4"
+        # Serving another registered model: the old model's pin no longer applies.
+        helm.run(["upgrade", RELEASE, str(CHART_DIR), *common, "--set", "serving.registeredModel=digits"])
+        assert _serving_uri(cluster, namespace) == "models:/digits@champion"
+    finally:
+        helm.run(["uninstall", RELEASE, "--namespace", namespace, "--kubeconfig",
+                  str(control_plane.kubeconfig_path)], check=False)  # fmt: skip
+        kubectl(cluster, "delete", "namespace", namespace, "--wait=false")
+
+
+def test_mlflow_volume_binds_a_pre_created_persistent_volume(
+    cluster: dict[str, str], rendered: dict[str, Rendered]
+) -> None:
+    """mlflow.persistence.storageClass lets the claim bind a PersistentVolume made by hand (a local
+    volume on a single-node cluster): the volume binder of kube-controller-manager pairs them."""
+    claim = rendered["gateway-api"].one("PersistentVolumeClaim")
+    namespace = f"mnist-pv-{uuid.uuid4().hex[:6]}"
+    volume = f"mlflow-{namespace}"
+    kubectl(cluster, "create", "namespace", namespace, check=True)
+    persistent_volume = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": volume},
+        "spec": {
+            "capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
+            "accessModes": claim["spec"]["accessModes"],
+            "storageClassName": claim["spec"]["storageClassName"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": f"/var/lib/{volume}", "type": "DirectoryOrCreate"},
+        },
+    }
+    claim["metadata"]["namespace"] = namespace
+    try:
+        kubectl(cluster, "apply", "-f", "-", manifest=json.dumps(persistent_volume), check=True)
+        kubectl(cluster, "apply", "-f", "-", manifest=json.dumps(claim), check=True)
+        bound = kubectl(
+            cluster, "wait", "pvc", claim["metadata"]["name"], "-n", namespace,
+            "--for=jsonpath={.status.phase}=Bound", "--timeout=60s",
+        )  # fmt: skip
+        assert bound.returncode == 0, bound.stderr
+        found = json.loads(
+            kubectl(cluster, "get", "pvc", claim["metadata"]["name"], "-n", namespace, "-o", "json").stdout
+        )
+        assert found["spec"]["volumeName"] == volume
+    finally:
+        kubectl(cluster, "delete", "namespace", namespace, "--wait=false")
+        kubectl(cluster, "delete", "pv", volume, "--wait=false")
 
 
 # --- the MLflow container as rendered ----------------------------------------------------------
