@@ -121,8 +121,10 @@ cluster-down: $(VENV)/.ready ## Stop the cluster that cluster-up started and rem
 
 # ---- The cluster path (a laptop with docker, kind, kubectl and helm; see README "On a cluster") ----
 
-kind-up: ## Create the kind cluster with ingress-nginx and kube-prometheus-stack
+kind-up: ## Create the kind cluster with ingress-nginx, metrics-server and kube-prometheus-stack
 	kind get clusters | grep -qx '$(KIND_CLUSTER)' || kind create cluster --config manifests/kind-config.yaml
+	helm upgrade --install metrics-server metrics-server --repo https://kubernetes-sigs.github.io/metrics-server/ \
+		--namespace kube-system -f manifests/metrics-server-values.yaml --wait --timeout 5m
 	helm upgrade --install ingress-nginx ingress-nginx --repo https://kubernetes.github.io/ingress-nginx \
 		--namespace ingress-nginx --create-namespace -f manifests/ingress-nginx-values.yaml --wait --timeout 10m
 	helm upgrade --install monitoring kube-prometheus-stack --repo https://prometheus-community.github.io/helm-charts \
@@ -144,18 +146,21 @@ images: ## Build every image, cached by content (scripts/build-images.sh); NODE=
 	*) echo "NODE=$(NODE): use kind, local or none" >&2; exit 2 ;; \
 	esac
 
-# No `helm --wait`: serving turns ready only once a model is promoted, so wait on the TrainingRun instead.
+# No `helm --wait`: serving turns ready only once a model is promoted, so wait on the TrainingRun instead;
+# the wait stops with the operator's reason as soon as the run is Rejected, RolledBack or Failed.
+# Helm never upgrades CRDs: apply them first, server-side, taking over fields an earlier client-side
+# apply or `helm install` owned (--force-conflicts), so a changed CRD reaches the cluster.
 deploy: ## Install the chart into a restricted namespace and wait for the first model to be served
 	kubectl create namespace '$(K8S_NAMESPACE)' --dry-run=client -o yaml | kubectl apply -f -
 	kubectl label namespace '$(K8S_NAMESPACE)' --overwrite \
 		pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/warn=restricted
-	kubectl apply --server-side -f charts/mnist-mlops/crds/
+	kubectl apply --server-side --force-conflicts -f charts/mnist-mlops/crds/
 	helm upgrade --install '$(RELEASE)' charts/mnist-mlops --namespace '$(K8S_NAMESPACE)' \
 		-f manifests/values-local.yaml --set operator.image.tag=$(IMAGE_TAG) \
 		--set operator.training.image.tag=$(IMAGE_TAG) --set serving.image.tag=$(IMAGE_TAG)
 	kubectl -n '$(K8S_NAMESPACE)' rollout status deployment/$(RELEASE)-mlflow --timeout=10m
 	kubectl -n '$(K8S_NAMESPACE)' rollout status deployment/$(RELEASE)-operator --timeout=5m
-	kubectl -n '$(K8S_NAMESPACE)' wait trainingrun/mnist-first-run --for=jsonpath='{.status.phase}'=Promoted --timeout=30m
+	bash scripts/wait-trainingrun.sh '$(K8S_NAMESPACE)' mnist-first-run 1800
 	kubectl -n '$(K8S_NAMESPACE)' rollout status deployment/$(RELEASE)-serving --timeout=10m
 
 port-forward: ## Serving on 127.0.0.1:8000, MLflow on :5000, Grafana on :3000 (Ctrl-C stops all three)
