@@ -226,23 +226,23 @@ t0=$(date +%s); build_go_install metrics-server "sigs.k8s.io/metrics-server/cmd/
 log "metrics-server done in $(($(date +%s) - t0))s"
 
 # Smoke-check before publishing the cache: a binary that cannot even report
-# its version must not be cached as good.
-"${STAGE_DIR}/kube-apiserver" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
-    || die "kube-apiserver reports '$("${STAGE_DIR}/kube-apiserver" --version)', expected ${KUBERNETES_VERSION}"
-"${STAGE_DIR}/kube-controller-manager" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
-    || die "kube-controller-manager version mismatch"
-for binary in kube-scheduler kubelet kube-proxy; do
-    "${STAGE_DIR}/${binary}" --version | grep -qx "Kubernetes ${KUBERNETES_VERSION}" \
-        || die "${binary} version mismatch"
+# its version must not be cached as good. Each output is read whole before it
+# is matched: `cmd | grep -q` would close the pipe early and, under pipefail,
+# fail on the writer's SIGPIPE at random.
+expect_version() {
+    local binary="$1" pattern="$2" output
+    shift 2
+    output="$("${STAGE_DIR}/${binary}" "$@" 2>&1)" || die "${binary} $* failed: ${output}"
+    grep -qE "$pattern" <<<"$output" || die "${binary} reports '${output%%$'\n'*}', expected ${pattern}"
+}
+for binary in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
+    expect_version "$binary" "^Kubernetes ${KUBERNETES_VERSION}\$" --version
 done
-"${STAGE_DIR}/kubectl" version --client | grep -q "Client Version: ${KUBERNETES_VERSION}" \
-    || die "kubectl version mismatch"
-"${STAGE_DIR}/coredns" -version | grep -q "CoreDNS-${COREDNS_VERSION#v}" || die "coredns version mismatch"
-"${STAGE_DIR}/metrics-server" --version >/dev/null || die "metrics-server does not start"
-"${STAGE_DIR}/etcd" --version | grep -q "etcd Version: ${ETCD_VERSION#v}" \
-    || die "etcd reports '$("${STAGE_DIR}/etcd" --version | head -1)', expected ${ETCD_VERSION}"
-"${STAGE_DIR}/helm" version --short | grep -q "^${HELM_VERSION}" \
-    || die "helm reports '$("${STAGE_DIR}/helm" version --short)', expected ${HELM_VERSION}"
+expect_version kubectl "Client Version: ${KUBERNETES_VERSION}" version --client
+expect_version etcd "etcd Version: ${ETCD_VERSION#v}" --version
+expect_version helm "^${HELM_VERSION}" version --short
+expect_version coredns "CoreDNS-${COREDNS_VERSION#v}" -version
+expect_version metrics-server "." --version
 
 mv "$STAGE_DIR" "$BIN_DIR"
 {
