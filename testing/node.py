@@ -287,9 +287,10 @@ class NodeCluster:
         self._start_containerd(deadline)
         self.images = build_images(import_into=self.containerd_socket)
         self._start_scheduler(identities["kube-scheduler"], deadline)
+        # kube-proxy reports healthy only once its Node exists, so the kubelet registers first.
+        self._start_kubelet(identities["kubelet"], deadline)
         self._start_proxy(identities["kube-proxy"], deadline)
         self._start_dns(deadline)
-        self._start_kubelet(identities["kubelet"], deadline)
         self._start_metrics_server(deadline)
         self.plane.wait_for_serviceaccount("default")
 
