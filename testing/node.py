@@ -28,6 +28,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -61,6 +62,9 @@ NODE_IP = "10.244.0.1"
 CLUSTER_DNS_IP = "10.96.0.10"
 CLUSTER_DOMAIN = "cluster.local"
 CNI_BIN_DIR = Path("/usr/lib/cni")
+# Fixed, like the bridge: a containerd restarted after a crash finds the shims of the previous run
+# here and can kill them. /run is cleared at boot, as containerd's own state is.
+CONTAINERD_STATE = Path("/run/mnist-mlops-node/containerd")
 # Rules this harness adds to the host's iptables carry this comment, so stop() finds exactly them.
 IPTABLES_COMMENT = "mnist-mlops-node"
 
@@ -162,6 +166,7 @@ class NodeCluster:
         if problems:
             raise NodeError("cannot start a node here:\n- " + "\n- ".join(problems))
         lock_handle = _take_machine_lock()
+        _kill_orphans()
         images = build_images()
         cluster: NodeCluster | None = None
         try:
@@ -314,7 +319,7 @@ class NodeCluster:
         return kubeconfigs
 
     def _start_containerd(self, deadline: float) -> None:
-        state = self.root / "containerd-state"
+        state = CONTAINERD_STATE
         state.mkdir(parents=True, exist_ok=True)
         self.containerd_socket = state / "containerd.sock"
         store = NODE_CACHE / "containerd"
@@ -670,6 +675,26 @@ def _remove_all_containers(socket_path: Path) -> None:
     if netns_dir.is_dir():
         for netns in netns_dir.glob("cni-*"):
             _run(["ip", "netns", "delete", netns.name], check=False)
+
+
+def _kill_orphans() -> None:
+    """Ends what a run that was killed outright left behind: components re-parented to init that
+    served this node's address, and its containerd. Called with the machine lock held, so none of
+    them is live. Shims are spared: the next containerd, on the same state directory, reconnects
+    to them and removes their containers properly (killing a shim would orphan its container)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        command = b" ".join(args).decode(errors="replace")
+        ours = NODE_IP in command or (args[0].endswith(b"containerd") and b"mnist-k8s-" in args[-2])
+        if parent == 1 and ours and b"containerd-shim" not in args[0]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _write_sysctl(name: str, value: str) -> None:

@@ -159,7 +159,7 @@ def helm_values(images: dict[str, str], mlflow_ref: str) -> dict[str, Any]:
             "training": {
                 "image": {"repository": training_repo, "tag": training_tag},
                 # Two cores in all: four training pods queue rather than all start at once.
-                "defaultResources": {"cpu": "500m", "memory": "1536Mi"},
+                "defaultResources": {"cpu": "500m", "memory": "3Gi"},
             },
             "progressIntervalSeconds": 5,
             "rolloutTimeoutSeconds": 300,

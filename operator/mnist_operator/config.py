@@ -52,7 +52,7 @@ class OperatorConfig:
     mlflow_auth_username_key: str = "username"
     mlflow_auth_password_key: str = "password"  # noqa: S105 (the Secret key's name, not a password)
     default_cpu: str = "1"
-    default_memory: str = "2Gi"
+    default_memory: str = "3Gi"
     mlflow_timeout_seconds: int = 10
     mlflow_backoff_seconds: float = 5.0
     mlflow_max_backoff_seconds: float = 60.0
