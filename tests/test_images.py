@@ -1,36 +1,596 @@
-"""The three images, checked without a container engine: each Dockerfile's requirement file installs
-into a clean virtualenv, and its entrypoint starts there with only the files the Dockerfile copies.
+"""The container images, as `scripts/build-images.sh` builds them, run with Docker the way the chart
+runs them: the image's own numeric user, a read-only root filesystem, every capability dropped, a
+tmpfs at /tmp, and no network where none is needed.
 
-There is no Docker here, so the test reads each Dockerfile and does what its build would do: the
-pip install of the build stage (into a virtualenv cached by the requirement file's hash, as Docker
-caches the layer), then the final stage's COPY lines into a scratch root, its ENV, WORKDIR and
-ENTRYPOINT. A requirement that does not resolve, a module the image forgets to copy, an import of
-TensorFlow in a TF-free image, or a COPY of a path that .dockerignore leaves out of the build
-context all fail here as they would fail `docker build` or the container's start.
+The build runs once per session (a warm run takes seconds: every image is cached by a hash of its
+inputs). The Dockerfiles and .dockerignore are also checked statically, so a COPY of a path the
+build context leaves out is named precisely rather than as a failed build.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
-import sys
+import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from textwrap import dedent
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE_ROOT = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
-IMAGE_VENV_DIR = CACHE_ROOT / "image-venvs"
-PIP_TIMEOUT_SECONDS = 1800.0
-ENTRYPOINT_TIMEOUT_SECONDS = 120.0
+BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-images.sh"
+BUILD_TIMEOUT_SECONDS = 5400.0
+RUN_TIMEOUT_SECONDS = 180.0
+# A warm run only hashes inputs and asks Docker about tags; it must not rebuild anything.
+WARM_RUN_LIMIT_SECONDS = 60.0
 APP_UID = 10001
+PAUSE_UID = 65535
+# The first test to use the images waits for a cold build (base, five images, audits).
+pytestmark = pytest.mark.timeout(BUILD_TIMEOUT_SECONDS + 900)
+
+IMAGE_NAMES = ("training", "serving", "operator", "mlflow", "mlflow_previous", "pause")
+PYTHON_IMAGES = ("training", "serving", "operator", "mlflow", "mlflow_previous")
+DOCKERFILES = {
+    "training": REPO_ROOT / "training_job" / "Dockerfile",
+    "serving": REPO_ROOT / "serving" / "Dockerfile",
+    "operator": REPO_ROOT / "operator" / "Dockerfile",
+    "mlflow": REPO_ROOT / "mlflow-server" / "Dockerfile",
+}
+EXPECTED_ENTRYPOINT = {
+    "training": ["python", "-m", "training_job"],
+    "serving": ["python", "-m", "serving"],
+    "operator": ["python", "-m", "mnist_operator"],
+    "mlflow": ["mlflow"],
+}
+HARDENED = ("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/tmp")
+OFFLINE = (*HARDENED, "--network", "none")
+
+
+def pinned_version(requirements: Path, package: str) -> str:
+    match = re.search(rf"^{re.escape(package)}==(\S+)", requirements.read_text(), re.MULTILINE)
+    assert match, f"{requirements.name} does not pin {package}"
+    return match.group(1)
+
+
+MLFLOW_VERSION = pinned_version(REPO_ROOT / "requirements" / "training.txt", "mlflow")
+
+
+# --- the build -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Build:
+    refs: dict[str, str]
+    seconds: float
+    stderr: str
+
+
+def run_build_script(*args: str) -> Build:
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_SECONDS,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, f"build-images.sh exited {proc.returncode}:\n{proc.stderr[-6000:]}"
+    lines = proc.stdout.strip().splitlines()
+    tail = lines[-len(IMAGE_NAMES) :]
+    refs = dict(line.split("=", 1) for line in tail if "=" in line)
+    assert list(refs) == list(IMAGE_NAMES), f"the last stdout lines are not name=ref lines: {tail}"
+    return Build(refs, seconds, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def build() -> Build:
+    return run_build_script()
+
+
+@pytest.fixture(scope="session")
+def refs(build: Build) -> dict[str, str]:
+    return build.refs
+
+
+def docker(*args: str, timeout: float = RUN_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def docker_ok(*args: str, timeout: float = RUN_TIMEOUT_SECONDS) -> str:
+    proc = docker(*args, timeout=timeout)
+    assert proc.returncode == 0, f"docker {shlex.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def run_python(ref: str, code: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """`python -c CODE` in the image, offline and hardened, as the image's own user."""
+    return docker("run", "--rm", *OFFLINE, *options, "--entrypoint", "python", ref, "-c", code)
+
+
+def inspect(ref: str) -> dict[str, object]:
+    loaded = json.loads(docker_ok("image", "inspect", ref))
+    assert isinstance(loaded, list) and len(loaded) == 1
+    entry = loaded[0]
+    assert isinstance(entry, dict)
+    return entry
+
+
+def image_config(ref: str) -> dict[str, object]:
+    config = inspect(ref)["Config"]
+    assert isinstance(config, dict)
+    return config
+
+
+@pytest.fixture
+def container_name() -> Iterator[str]:
+    """A unique container name, removed whatever the test did with it."""
+    name = f"mnist-mlops-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    docker("rm", "--force", name, timeout=60)
+
+
+# --- the build script's contract -----------------------------------------------------------------
+
+
+def test_refs_are_content_tags_with_dev_aliases(refs: dict[str, str]) -> None:
+    for name, ref in refs.items():
+        repository, _, tag = ref.partition(":")
+        expected_repository = "mnist-mlops/mlflow" if name.startswith("mlflow") else f"mnist-mlops/{name}"
+        assert repository == expected_repository, f"{name}: {ref}"
+        content_hash = tag.rsplit("-", 1)[-1]
+        assert re.fullmatch(r"[0-9a-f]{12}", content_hash), f"{name}: {ref} is not tagged by content"
+        if name != "pause":
+            labels = image_config(ref)["Labels"]
+            assert isinstance(labels, dict)
+            assert labels.get("io.mnist-mlops.content-hash") == content_hash, f"{name}: label vs tag"
+    assert refs["mlflow_previous"].split(":")[1].startswith(f"{previous_mlflow_version(refs)}-")
+    assert len(set(refs.values())) == len(refs)
+    for name in ("training", "serving", "operator", "mlflow", "pause"):
+        dev = refs[name].split(":")[0] + ":dev"
+        assert inspect(dev)["Id"] == inspect(refs[name])["Id"], f"{dev} does not follow {refs[name]}"
+
+
+def test_warm_run_rebuilds_nothing(build: Build) -> None:
+    warm = run_build_script()
+    assert warm.refs == build.refs
+    assert "building" not in warm.stderr, f"a warm run rebuilt something:\n{warm.stderr[-3000:]}"
+    assert warm.seconds < WARM_RUN_LIMIT_SECONDS, f"warm run took {warm.seconds:.0f}s"
+
+
+def test_every_python_image_was_audited(build: Build) -> None:
+    for name in PYTHON_IMAGES:
+        tag = build.refs[name].split(":")[1]
+        line = re.search(rf"^build-images: audit {name} \S+: (\d+) packages", build.stderr, re.MULTILINE)
+        assert line, f"{name}: no audit summary line in the build's stderr"
+        assert int(line.group(1)) > 10, f"{name}: the audit saw too few packages: {line.group(0)}"
+        cache = Path(os.environ.get("MNIST_MLOPS_CACHE", Path.home() / ".cache" / "mnist-mlops"))
+        report = json.loads((cache / "image-audits" / f"{name.replace('_', '-')}-{tag}.json").read_text())
+        audited = {dep["name"].lower() for dep in report["dependencies"]}
+        assert {"pip", "mlflow" if name.startswith("mlflow") else "pydantic"} <= audited, name
+
+
+# --- every Python image --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PYTHON_IMAGES)
+def test_runs_unprivileged_on_a_read_only_root(refs: dict[str, str], name: str) -> None:
+    assert image_config(refs[name])["User"] == f"{APP_UID}:{APP_UID}"
+    probe = dedent(
+        """
+        import os, pathlib
+        print(os.getuid(), os.getgid())
+        pathlib.Path('/tmp/probe').write_text('x')
+        try:
+            pathlib.Path('/opt/venv/probe').write_text('x')
+        except OSError as e:
+            print('read-only', e.errno)
+        """
+    )
+    proc = run_python(refs[name], probe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == [str(APP_UID), str(APP_UID), "read-only", "30"], proc.stdout
+
+
+# --- serving and operator: no TensorFlow ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["serving", "operator", "mlflow"])
+def test_image_has_no_tensorflow(refs: dict[str, str], name: str) -> None:
+    proc = run_python(refs[name], "import tensorflow")
+    assert proc.returncode != 0
+    assert "No module named 'tensorflow'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_serving_entrypoint_and_app_start(refs: dict[str, str]) -> None:
+    ref = refs["serving"]
+    assert image_config(ref)["Entrypoint"] == EXPECTED_ENTRYPOINT["serving"]
+    proc = docker("run", "--rm", *OFFLINE, ref, "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "python -m serving" in proc.stdout + proc.stderr
+    proc = run_python(ref, "import serving.app, onnxruntime, uvicorn; print(onnxruntime.__version__)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == pinned_version(REPO_ROOT / "requirements" / "serving.txt", "onnxruntime")
+
+
+def test_operator_imports_and_stops_at_its_configuration_check(refs: dict[str, str]) -> None:
+    ref = refs["operator"]
+    assert image_config(ref)["Entrypoint"] == EXPECTED_ENTRYPOINT["operator"]
+    proc = run_python(ref, "import mnist_operator.handlers, kopf; print(kopf.__name__)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Without MLFLOW_TRACKING_URI it exits at its configuration check, after every import succeeded.
+    proc = docker("run", "--rm", *OFFLINE, ref)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "MLFLOW_TRACKING_URI is required" in proc.stderr
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def test_training_entrypoint_tensorflow_and_bundled_mnist(refs: dict[str, str]) -> None:
+    ref = refs["training"]
+    assert image_config(ref)["Entrypoint"] == EXPECTED_ENTRYPOINT["training"]
+    proc = docker("run", "--rm", *OFFLINE, ref, "train", "--help")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--architecture" in proc.stdout
+    check = dedent(
+        """
+        import os, numpy as np, tensorflow as tf
+        import training_job.train, training_job.export, training_job.data
+        with np.load(os.environ['MNIST_NPZ']) as d:
+            print(tf.__version__, d['x_train'].shape, d['x_test'].shape)
+        """
+    )
+    proc = run_python(ref, check)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tf_version = pinned_version(REPO_ROOT / "requirements" / "training.txt", "tensorflow-cpu")
+    assert proc.stdout.strip() == f"{tf_version} (60000, 28, 28) (10000, 28, 28)"
+
+
+# --- MLflow --------------------------------------------------------------------------------------
+
+
+def previous_mlflow_version(refs: dict[str, str]) -> str:
+    return refs["mlflow_previous"].split(":")[1].rsplit("-", 1)[0]
+
+
+def test_mlflow_versions(refs: dict[str, str]) -> None:
+    proc = docker("run", "--rm", *OFFLINE, refs["mlflow"], "--version")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith(f"version {MLFLOW_VERSION}"), proc.stdout
+    previous = previous_mlflow_version(refs)
+    proc = docker("run", "--rm", *OFFLINE, refs["mlflow_previous"], "--version")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith(f"version {previous}"), proc.stdout
+    as_tuple = [tuple(int(p) for p in v.split(".")) for v in (previous, MLFLOW_VERSION)]
+    assert as_tuple[0][0] == as_tuple[1][0] and as_tuple[0][:2] < as_tuple[1][:2], "an older 3.x minor"
+
+
+def test_mlflow_has_the_charts_optional_backends(refs: dict[str, str]) -> None:
+    code = "import psycopg2, boto3, flask_wtf, mlflow.server.auth; print('ok')"
+    for name in ("mlflow", "mlflow_previous"):
+        proc = run_python(refs[name], code)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+
+
+def chart_mlflow_command() -> list[str]:
+    template = (REPO_ROOT / "charts/mnist-mlops/templates/mlflow/deployment.yaml").read_text()
+    commands = [json.loads(found) for found in re.findall(r"^\s*command: (\[.*\])$", template, re.MULTILINE)]
+    servers = [command for command in commands if isinstance(command, list) and "server" in command]
+    assert len(servers) == 1, f"the chart's MLflow Deployment has no one `mlflow server` command: {commands}"
+    return [str(word) for word in servers[0]]
+
+
+def start_mlflow(ref: str, name: str, data: Path) -> None:
+    """The chart's command and arguments, with the volume at /mlflow, as the chart's pod runs it."""
+    command = chart_mlflow_command()
+    docker_ok(
+        "run",
+        "--detach",
+        "--name",
+        name,
+        *OFFLINE,
+        "--volume",
+        f"{data}:/mlflow",
+        "--env",
+        "HOME=/tmp",
+        "--env",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false",
+        "--entrypoint",
+        command[0],
+        ref,
+        *command[1:],
+        "--host=127.0.0.1",
+        "--port=5000",
+        "--workers=1",
+        "--backend-store-uri=sqlite:////mlflow/mlflow.db",
+        "--serve-artifacts",
+        "--artifacts-destination=/mlflow/artifacts",
+    )
+
+
+def wait_healthy(name: str, timeout: float = 180.0) -> None:
+    """Polls /health from inside the container: it has no network reachable from outside."""
+    probe = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:5000/health').read())"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc = docker("exec", name, "python", "-c", probe, timeout=30)
+        if proc.returncode == 0 and "OK" in proc.stdout:
+            return
+        state = docker_ok("inspect", "--format", "{{.State.Running}}", name).strip()
+        assert state == "true", f"mlflow exited:\n{docker('logs', name).stderr[-4000:]}"
+        time.sleep(2)
+    raise AssertionError(f"mlflow not healthy in {timeout:.0f}s:\n{docker('logs', name).stderr[-4000:]}")
+
+
+def schema_revision(database: Path) -> str:
+    with sqlite3.connect(database) as connection:
+        row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def writable_volume(tmp_path: Path) -> Path:
+    data = tmp_path / "mlflow"
+    data.mkdir()
+    os.chown(data, APP_UID, APP_UID)
+    return data
+
+
+def test_mlflow_serves_the_charts_command_read_only(
+    refs: dict[str, str], container_name: str, tmp_path: Path
+) -> None:
+    data = writable_volume(tmp_path)
+    start_mlflow(refs["mlflow"], container_name, data)
+    wait_healthy(container_name)
+    assert (data / "mlflow.db").is_file()
+
+
+def test_previous_mlflow_database_upgrades_to_the_pinned_one(refs: dict[str, str], tmp_path: Path) -> None:
+    """What a `helm upgrade` from the previous image does to the volume, minus the cluster."""
+    data = writable_volume(tmp_path)
+    old_name = f"mnist-mlops-test-{uuid.uuid4().hex[:10]}"
+    try:
+        start_mlflow(refs["mlflow_previous"], old_name, data)
+        wait_healthy(old_name)
+    finally:
+        docker("rm", "--force", old_name, timeout=60)
+    old_revision = schema_revision(data / "mlflow.db")
+    proc = docker(
+        "run",
+        "--rm",
+        *OFFLINE,
+        "--volume",
+        f"{data}:/mlflow",
+        refs["mlflow"],
+        "db",
+        "upgrade",
+        "sqlite:////mlflow/mlflow.db",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    new_revision = schema_revision(data / "mlflow.db")
+    heads = run_python(
+        refs["mlflow"],
+        "from alembic.script import ScriptDirectory; from mlflow.store.db.utils import _get_alembic_config;"
+        "print(ScriptDirectory.from_config(_get_alembic_config('sqlite://')).get_current_head())",
+    )
+    assert heads.returncode == 0, heads.stderr[-3000:]
+    assert new_revision == heads.stdout.strip(), "the database is not at the pinned MLflow's schema head"
+    assert old_revision != new_revision, (
+        f"MLflow {previous_mlflow_version(refs)} and {MLFLOW_VERSION} share schema {old_revision}: "
+        "an upgrade test would see no migration; pick an older previous version"
+    )
+
+
+# --- pause ---------------------------------------------------------------------------------------
+
+
+def test_pause_is_a_lone_static_binary(refs: dict[str, str]) -> None:
+    config = image_config(refs["pause"])
+    assert config["Entrypoint"] == ["/pause"]
+    assert config["User"] == f"{PAUSE_UID}:{PAUSE_UID}"
+    layers = inspect(refs["pause"])["RootFS"]
+    assert isinstance(layers, dict) and len(layers["Layers"]) == 1
+    size = inspect(refs["pause"])["Size"]
+    assert isinstance(size, int) and size < 2_000_000
+
+
+def test_pause_stops_promptly_on_sigterm(refs: dict[str, str], container_name: str) -> None:
+    docker_ok("run", "--detach", "--name", container_name, *OFFLINE, refs["pause"])
+    time.sleep(0.5)
+    assert docker_ok("inspect", "--format", "{{.State.Running}}", container_name).strip() == "true"
+    started = time.monotonic()
+    docker_ok("stop", "--time", "5", container_name)
+    elapsed = time.monotonic() - started
+    # Docker falls back to SIGKILL (exit 137) after 5 s when the signal is ignored.
+    assert elapsed < 5.0, f"docker stop took {elapsed:.1f}s: SIGTERM was not honoured"
+    assert docker_ok("inspect", "--format", "{{.State.ExitCode}}", container_name).strip() == "0"
+
+
+def test_pause_reaps_orphans_in_a_shared_pid_namespace(refs: dict[str, str], container_name: str) -> None:
+    docker_ok("run", "--detach", "--name", container_name, *OFFLINE, refs["pause"])
+    shared = ("--pid", f"container:{container_name}")
+    # The parent exits at once; its child is re-parented to pause (PID 1) and exits later.
+    orphan = dedent(
+        """
+        import os, time
+        if os.fork() == 0:
+            time.sleep(1)
+            os._exit(0)
+        os._exit(0)
+        """
+    )
+    proc = run_python(refs["serving"], orphan, *shared)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    zombies = dedent(
+        """
+        import pathlib, time
+        time.sleep(3)
+        stats = [p.read_text() for p in pathlib.Path('/proc').glob('[0-9]*/stat')]
+        states = [stat.rsplit(')', 1)[1].split()[0] for stat in stats]
+        print(len(states), states.count('Z'))
+        """
+    )
+    proc = run_python(refs["serving"], zombies, *shared)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    processes, zombie_count = (int(word) for word in proc.stdout.split())
+    assert processes >= 2, f"the probe did not share pause's PID namespace: {proc.stdout}"
+    assert zombie_count == 0, "pause left an exited orphan unreaped"
+
+
+# --- a node's containerd ------------------------------------------------------------------------
+
+CONTAINERD_START_SECONDS = 30.0
+
+
+def ctr(socket: Path, *args: str, timeout: float = RUN_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ctr", "--address", str(socket), "--namespace", "k8s.io", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def containerd_config(root: Path) -> str:
+    """containerd's defaults with its directories and socket under `root`, and the CRI as on a node."""
+    config = subprocess.run(
+        ["containerd", "config", "default"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    for default, ours in (
+        ('root = "/var/lib/containerd"', f'root = "{root}/root"'),
+        ('state = "/run/containerd"', f'state = "{root}/state"'),
+        ('address = "/run/containerd/containerd.sock"', f'address = "{root}/containerd.sock"'),
+        # As the kubelet's containerd in an unprivileged setting: no lowering of OOM scores.
+        ("restrict_oom_score_adj = false", "restrict_oom_score_adj = true"),
+    ):
+        assert config.count(default) == 1, f"containerd's default config has changed: {default!r}"
+        config = config.replace(default, ours)
+    return config
+
+
+@pytest.fixture
+def containerd() -> Iterator[Path]:
+    """A throw-away containerd (root required) on its own socket; its tasks and data go with it."""
+    # Short, under /tmp: a unix socket path must fit in 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
+    socket = root / "containerd.sock"
+    (root / "config.toml").write_text(containerd_config(root))
+    with (root / "containerd.log").open("w") as log:
+        process = subprocess.Popen(
+            ["containerd", "--config", str(root / "config.toml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + CONTAINERD_START_SECONDS
+        while ctr(socket, "version", timeout=10).returncode != 0:
+            assert process.poll() is None, (
+                f"containerd exited:\n{(root / 'containerd.log').read_text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"containerd did not answer in {CONTAINERD_START_SECONDS:.0f}s"
+            )
+            time.sleep(0.5)
+        yield socket
+    finally:
+        for task in ctr(socket, "tasks", "ls", "--quiet", timeout=30).stdout.split():
+            ctr(socket, "tasks", "kill", "--signal", "SIGKILL", task, timeout=30)
+            ctr(socket, "tasks", "delete", "--force", task, timeout=30)
+        for container in ctr(socket, "containers", "ls", "--quiet", timeout=30).stdout.split():
+            ctr(socket, "containers", "delete", container, timeout=30)
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.usefixtures("build")  # built first, so the import runs alone
+def test_import_into_a_nodes_containerd(containerd: Path) -> None:
+    imported = run_build_script("--import-into", str(containerd))
+    listed = ctr(containerd, "images", "ls").stdout.splitlines()
+    digests = {line.split()[0]: line.split()[2] for line in listed[1:]}
+    # What a pod spec's `image: mnist-mlops/serving:<tag>` resolves to, and :dev following it.
+    for name, ref in imported.refs.items():
+        assert f"docker.io/{ref}" in digests, f"{name}: {ref} was not imported: {sorted(digests)}"
+        if name != "mlflow_previous":
+            dev = f"docker.io/{ref.split(':')[0]}:dev"
+            assert digests.get(dev) == digests[f"docker.io/{ref}"], f"{dev} does not follow {ref}"
+
+    again = run_build_script("--import-into", str(containerd))
+    # Compared per image: a file edited meanwhile (a shared checkout) rightly re-imports its image.
+    for name, ref in again.refs.items():
+        if ref == imported.refs[name]:
+            assert f"docker.io/{ref} present" in again.stderr, (
+                f"{name}: imported twice:\n{again.stderr[-3000:]}"
+            )
+
+    # The images run under containerd's runc as they do under Docker.
+    tmpfs = "type=tmpfs,src=tmpfs,dst=/tmp,options=rw:nosuid:nodev:mode=1777"
+    proc = ctr(
+        containerd,
+        "run",
+        "--rm",
+        "--read-only",
+        "--mount",
+        tmpfs,
+        f"docker.io/{again.refs['serving']}",
+        "serving-probe",
+        "python",
+        "-c",
+        "import os, serving.app; print(os.getuid())",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(APP_UID)
+
+    pause_ref = f"docker.io/{again.refs['pause']}"
+    pause = subprocess.Popen(
+        [
+            "ctr",
+            "--address",
+            str(containerd),
+            "--namespace",
+            "k8s.io",
+            "run",
+            "--rm",
+            pause_ref,
+            "pause-probe",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "RUNNING" not in ctr(containerd, "tasks", "ls").stdout:
+            assert pause.poll() is None, f"pause exited at once: {pause.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "the pause task did not start"
+            time.sleep(0.2)
+        started = time.monotonic()
+        assert ctr(containerd, "tasks", "kill", "--signal", "SIGTERM", "pause-probe").returncode == 0
+        assert pause.wait(timeout=5) == 0, "pause did not exit 0 on SIGTERM"
+        assert time.monotonic() - started < 5.0
+    finally:
+        if pause.poll() is None:
+            pause.kill()
+            pause.wait(timeout=30)
+
+
+# --- the Dockerfiles and the build context, statically ---------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -44,42 +604,16 @@ class Copy:
 class Stage:
     name: str | None
     copies: list[Copy] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
     runs: list[str] = field(default_factory=list)
-    workdir: str = "/"
     user: str | None = None
     entrypoint: list[str] = field(default_factory=list)
-    cmd: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Dockerfile:
-    path: Path
-    stages: tuple[Stage, ...]
-
-    @property
-    def final(self) -> Stage:
-        return self.stages[-1]
-
-    def requirement_file(self) -> Path:
-        """The requirement file the build stage copies in and installs with pip -r."""
-        for stage in self.stages[:-1]:
-            for copy in stage.copies:
-                if copy.from_stage is None and any(src.startswith("requirements/") for src in copy.sources):
-                    assert len(copy.sources) == 1, f"{self.path}: copy one requirement file at a time"
-                    installed = any("pip install" in run and copy.destination in run for run in stage.runs)
-                    assert installed, f"{self.path}: {copy.destination} is copied but never pip-installed"
-                    return REPO_ROOT / copy.sources[0]
-        raise AssertionError(f"{self.path}: no stage copies and installs a requirements/ file")
 
 
 def _logical_lines(text: str) -> Iterator[str]:
     pending = ""
     for raw in text.splitlines():
         line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
+        if line.startswith("#") or (not pending and not line):
             continue
         if line.endswith("\\"):
             pending += line[:-1] + " "
@@ -90,66 +624,34 @@ def _logical_lines(text: str) -> Iterator[str]:
         yield pending
 
 
-def _exec_form(value: str) -> list[str]:
-    loaded = json.loads(value)
-    assert isinstance(loaded, list), f"expected the exec (JSON) form, got {value!r}"
-    return [str(item) for item in loaded]
-
-
-def _substitute(value: str, variables: dict[str, str]) -> str:
-    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: variables.get(m.group(1), m.group(0)), value)
-
-
-_IGNORED_INSTRUCTIONS = {"ARG", "LABEL", "EXPOSE", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "VOLUME"}
-
-
-def _apply(stage: Stage, instruction: str, rest: str, where: str) -> None:
-    if instruction == "COPY":
-        words = shlex.split(rest)
-        from_stage = None
-        while words and words[0].startswith("--"):
-            flag = words.pop(0)
-            if flag.startswith("--from="):
-                from_stage = flag.removeprefix("--from=")
-        assert len(words) >= 2, f"{where}: COPY needs a source and a destination"
-        stage.copies.append(Copy(tuple(words[:-1]), words[-1], from_stage))
-    elif instruction == "ENV":
-        for item in shlex.split(rest):
-            key, sep, value = item.partition("=")
-            assert sep, f"{where}: use ENV KEY=VALUE"
-            stage.env[key] = _substitute(value, stage.env)
-    elif instruction == "RUN":
-        stage.runs.append(rest)
-    elif instruction == "WORKDIR":
-        stage.workdir = rest
-    elif instruction == "USER":
-        stage.user = rest
-    elif instruction == "ENTRYPOINT":
-        stage.entrypoint = _exec_form(rest)
-    elif instruction == "CMD":
-        stage.cmd = _exec_form(rest)
-    else:
-        # ADD (remote URLs, auto-extraction) and anything unknown: refuse rather than guess.
-        raise AssertionError(f"{where}: instruction {instruction} is not understood by this test")
-
-
-def parse_dockerfile(path: Path) -> Dockerfile:
+def parse_dockerfile(path: Path) -> list[Stage]:
     stages: list[Stage] = []
     for line in _logical_lines(path.read_text()):
         instruction, _, rest = line.partition(" ")
         instruction = instruction.upper()
         rest = rest.strip()
+        assert instruction != "ADD", f"{path}: use COPY (the build script's content hash reads COPY only)"
         if instruction == "FROM":
             words = rest.split()
-            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(name=name))
-        elif instruction not in _IGNORED_INSTRUCTIONS:
-            assert stages, f"{path}: {instruction} before FROM"
-            _apply(stages[-1], instruction, rest, f"{path}: {line}")
-    return Dockerfile(path, tuple(stages))
-
-
-# --- .dockerignore -------------------------------------------------------------------------------
+            stages.append(Stage(name=words[2] if len(words) >= 3 and words[1].upper() == "AS" else None))
+            continue
+        if not stages:
+            continue
+        stage = stages[-1]
+        if instruction == "COPY":
+            words = shlex.split(rest)
+            from_stage = next((w.removeprefix("--from=") for w in words if w.startswith("--from=")), None)
+            words = [w for w in words if not w.startswith("--")]
+            stage.copies.append(Copy(tuple(words[:-1]), words[-1], from_stage))
+        elif instruction == "RUN":
+            stage.runs.append(rest)
+        elif instruction == "USER":
+            stage.user = rest
+        elif instruction == "ENTRYPOINT":
+            loaded = json.loads(rest)
+            assert isinstance(loaded, list), f"{path}: ENTRYPOINT must use the exec (JSON) form"
+            stage.entrypoint = [str(word) for word in loaded]
+    return stages
 
 
 def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
@@ -157,17 +659,15 @@ def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
     out = ""
     i = 0
     while i < len(pattern):
-        char = pattern[i]
         if pattern.startswith("**/", i):
             out += "(?:.*/)?"
             i += 3
-            continue
-        if pattern.startswith("**", i):
+        elif pattern.startswith("**", i):
             out += ".*"
             i += 2
-            continue
-        out += {"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char))
-        i += 1
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+            i += 1
     return re.compile(f"^{out}$")
 
 
@@ -194,142 +694,42 @@ def in_build_context(relative: str, rules: list[tuple[bool, re.Pattern[str]]]) -
     return not excluded
 
 
-# --- virtualenvs ---------------------------------------------------------------------------------
-
-
-def image_venv(requirements: Path) -> Path:
-    """A clean virtualenv holding exactly the requirement file, cached by the file's content."""
-    digest = hashlib.sha256(requirements.read_bytes()).hexdigest()[:12]
-    venv = IMAGE_VENV_DIR / f"{requirements.stem}-{digest}"
-    ready = venv / ".ready"
-    if ready.exists():
-        return venv
-    if venv.exists():
-        shutil.rmtree(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    # The same two steps as the Dockerfiles' build stage: a fresh pip, then the file alone.
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
-    proc = subprocess.run(
-        [*pip, "--requirement", str(requirements)],
-        capture_output=True,
-        text=True,
-        timeout=PIP_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert proc.returncode == 0, f"pip install -r {requirements.name} failed:\n{proc.stderr[-4000:]}"
-    ready.write_text(digest)
-    return venv
-
-
-def installed_distributions(venv: Path) -> set[str]:
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    names = set()
-    for dist in site.glob("*.dist-info"):
-        names.add(dist.name.split("-")[0].lower().replace("_", "-"))
-    return names
-
-
-# --- the images ------------------------------------------------------------------------------------
-
-IMAGES = {
-    "training": REPO_ROOT / "training_job" / "Dockerfile",
-    "serving": REPO_ROOT / "serving" / "Dockerfile",
-    "operator": REPO_ROOT / "operator" / "Dockerfile",
-}
-TF_FREE = ("serving", "operator")
-EXPECTED_ENTRYPOINT = {
-    "training": ["python", "-m", "training_job"],
-    "serving": ["python", "-m", "serving"],
-    "operator": ["python", "-m", "mnist_operator"],
-}
-
-
-@dataclass(frozen=True)
-class StartCheck:
-    """How the entrypoint proves it starts without a cluster: its arguments, env, exit code, output."""
-
-    args: tuple[str, ...]
-    exit_code: int
-    expected_output: str
-    unset_env: tuple[str, ...] = ()
-
-
-START_CHECKS = {
-    "training": StartCheck(("--help",), 0, "python -m training_job"),
-    "serving": StartCheck(("--help",), 0, "python -m serving"),
-    # The operator has no --help: without MLFLOW_TRACKING_URI it stops at its configuration check,
-    # which runs after every import (kopf, the kubernetes client, the handlers) has succeeded.
-    "operator": StartCheck((), 2, "MLFLOW_TRACKING_URI is required", unset_env=("MLFLOW_TRACKING_URI",)),
-}
-# The modules that do the real work, imported in the image layout: the heavy dependencies (TensorFlow,
-# tf2onnx, onnxruntime, kopf) must import with exactly the pinned set.
-WORK_MODULES = {
-    "training": ("training_job.train", "training_job.export", "training_job.data"),
-    "serving": ("serving.app",),
-    "operator": ("mnist_operator.handlers",),
-}
-
-
-@pytest.fixture(scope="module", params=sorted(IMAGES))
-def image(request: pytest.FixtureRequest) -> tuple[str, Dockerfile]:
-    name = str(request.param)
-    return name, parse_dockerfile(IMAGES[name])
-
-
-def stage_root(dockerfile: Dockerfile, root: Path) -> None:
-    """Lays the final stage's COPY (from the build context) into `root` as the image's filesystem."""
-    for copy in dockerfile.final.copies:
-        if copy.from_stage is not None:
-            continue
-        for source in copy.sources:
-            src = REPO_ROOT / source
-            assert src.exists(), f"{dockerfile.path}: COPY source {source} does not exist"
-            destination = root / copy.destination.lstrip("/")
-            if src.is_dir():
-                shutil.copytree(
-                    src, destination, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
-                )
-            elif copy.destination.endswith("/") or len(copy.sources) > 1:
-                destination.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, destination / src.name)
-            else:
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, destination)
-
-
-def test_dockerfile_shape(image: tuple[str, Dockerfile]) -> None:
-    name, dockerfile = image
-    assert len(dockerfile.stages) >= 2, f"{name}: multi-stage (build, then a runtime stage)"
-    assert dockerfile.final.user is not None, f"{name}: the runtime stage must set USER"
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_shape(name: str) -> None:
+    stages = parse_dockerfile(DOCKERFILES[name])
+    final = stages[-1]
+    assert len(stages) >= 2, f"{name}: multi-stage (build, then a runtime stage)"
     # Numeric, so the kubelet can verify runAsNonRoot; the chart's pods run as the same uid.
-    assert dockerfile.final.user.split(":")[0] == str(APP_UID), f"{name}: USER must be {APP_UID}"
-    assert dockerfile.final.entrypoint == EXPECTED_ENTRYPOINT[name]
-    assert not any("pip install" in run for run in dockerfile.final.runs), (
+    assert final.user == f"{APP_UID}:{APP_UID}", f"{name}: USER must be {APP_UID}:{APP_UID}"
+    assert final.entrypoint == EXPECTED_ENTRYPOINT[name]
+    assert not any("pip install" in run for run in final.runs), (
         f"{name}: the runtime stage copies the build stage's virtualenv instead of installing"
     )
-    assert any(copy.from_stage == dockerfile.stages[0].name for copy in dockerfile.final.copies)
-    requirements = dockerfile.requirement_file()
-    for line in requirements.read_text().splitlines():
+    assert any(copy.from_stage == stages[0].name for copy in final.copies)
+    requirement_copies = [
+        source for copy in stages[0].copies for source in copy.sources if source.startswith("requirements/")
+    ]
+    assert len(requirement_copies) == 1, f"{name}: the build stage installs one requirements/ file"
+    for line in (REPO_ROOT / requirement_copies[0]).read_text().splitlines():
         requirement = line.split("#")[0].strip()
         if requirement and not requirement.startswith("-r"):
-            assert re.search(r"==|<", requirement), f"{requirements.name}: {requirement!r} has no upper bound"
+            assert re.search(r"==|<", requirement), f"{requirement_copies[0]}: {requirement!r} is unbounded"
 
 
-def test_copies_are_in_the_build_context(image: tuple[str, Dockerfile]) -> None:
-    name, dockerfile = image
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_copies_are_in_the_build_context(name: str) -> None:
     rules = _dockerignore_rules()
-    for stage in dockerfile.stages:
+    for stage in parse_dockerfile(DOCKERFILES[name]):
         for copy in stage.copies:
             if copy.from_stage is not None:
                 continue
             for source in copy.sources:
                 path = REPO_ROOT / source
+                assert path.exists(), f"{name}: COPY source {source} does not exist"
                 files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
                 kept = [p for p in files if in_build_context(p.relative_to(REPO_ROOT).as_posix(), rules)]
                 assert kept, f"{name}: .dockerignore leaves COPY source {source} out of the build context"
-                python_files = [p for p in files if p.suffix == ".py"]
-                dropped = [p for p in python_files if p not in kept]
+                dropped = [p for p in files if p.suffix == ".py" and p not in kept]
                 assert not dropped, f"{name}: .dockerignore drops {dropped[:3]} from COPY {source}"
 
 
@@ -347,72 +747,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
         "serving/__main__.py",
         "data/mnist.npz",
         "requirements/serving.txt",
+        "requirements/mlflow-server.txt",
     ):
         assert in_build_context(inside, rules), f"{inside} must be in the build context"
     assert not in_build_context("serving/__pycache__/app.cpython-311.pyc", rules)
-
-
-@pytest.mark.slow
-def test_entrypoint_starts_in_a_clean_venv(image: tuple[str, Dockerfile], tmp_path: Path) -> None:
-    name, dockerfile = image
-    venv = image_venv(dockerfile.requirement_file())
-    distributions = installed_distributions(venv)
-    if name in TF_FREE:
-        assert not {d for d in distributions if d.startswith(("tensorflow", "keras", "tf-"))}, (
-            f"{name}: TensorFlow/Keras must not be in its requirement set"
-        )
-    root = tmp_path / "image-root"
-    stage_root(dockerfile, root)
-
-    stage = dockerfile.final
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PYTHON", "MNIST_", "SERVING_"))
-    }
-    for key, value in stage.env.items():
-        if key == "PATH":
-            continue
-        # Absolute paths inside the image (PYTHONPATH=/app, MNIST_NPZ=/opt/...) map into the root.
-        env[key] = os.pathsep.join(
-            str(root / part.lstrip("/")) if part.startswith("/") else part for part in value.split(os.pathsep)
-        )
-    env["PATH"] = os.pathsep.join([str(venv / "bin"), "/usr/bin", "/bin"])
-    env["HOME"] = str(tmp_path / "home")
-    env["MLFLOW_TRACKING_URI"] = "http://127.0.0.1:9"  # never contacted by --help
-    if "MNIST_NPZ" in stage.env:
-        assert Path(env["MNIST_NPZ"]).is_file(), f"{name}: MNIST_NPZ points at a file the image lacks"
-
-    check = START_CHECKS[name]
-    for key in check.unset_env:
-        env.pop(key, None)
-    python = str(venv / "bin" / "python")
-    workdir = root / stage.workdir.lstrip("/")
-    proc = subprocess.run(
-        [python, *stage.entrypoint[1:], *check.args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=ENTRYPOINT_TIMEOUT_SECONDS,
-        check=False,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == check.exit_code, (
-        f"{name}: `{' '.join([*stage.entrypoint, *check.args])}` exited {proc.returncode}:\n{output[-4000:]}"
-    )
-    assert check.expected_output in output, (
-        f"{name}: expected {check.expected_output!r} in:\n{output[-2000:]}"
-    )
-
-    imports = "; ".join(f"import {module}" for module in WORK_MODULES[name])
-    proc = subprocess.run(
-        [python, "-c", imports],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=ENTRYPOINT_TIMEOUT_SECONDS,
-        check=False,
-    )
-    assert proc.returncode == 0, f"{name}: `{imports}` failed in the image layout:\n{proc.stderr[-4000:]}"

@@ -1,0 +1,621 @@
+#!/usr/bin/env bash
+# Builds every mnist-mlops container image without a registry, caches each by content, audits the
+# Python packages inside, and optionally imports the images into a node's containerd.
+#
+#   scripts/build-images.sh [--import-into SOCK] [--strict-audit] [--quiet]
+#
+# --import-into SOCK  also import every image that containerd's k8s.io namespace (the CRI's) lacks,
+#                     through the containerd socket SOCK, and point its :dev tag at the current build
+# --strict-audit      exit 3 when an installed package is vulnerable or could not be audited
+#                     (by default these are printed loudly and the build succeeds)
+# --quiet             docker build output goes only to the per-image log, not to stderr
+#
+# stdout ends with one name=ref line per image, in this order: training, serving, operator, mlflow,
+# mlflow_previous, pause (e.g. serving=mnist-mlops/serving:<hash>,
+# mlflow_previous=mnist-mlops/mlflow:<version>-<hash>); everything else goes to stderr. Each <hash>
+# is the first 12 hex digits of a sha256 over the image's inputs (Dockerfile, the files it COPYs as
+# .dockerignore admits them, the base image id, build arguments that change its content), so an
+# unchanged image is never rebuilt and a changed one never reuses a stale tag. Each image but
+# mlflow_previous is also tagged :dev (kind, `make deploy`); the MLflow images also carry their
+# MLflow version as a tag. The pause image is a pod sandbox image (scripts/pause/pause.c).
+#
+# The Python packages in each image are listed and checked with pip-audit (advisories acknowledged
+# in requirements/audit-ignore.conf are ignored); the JSON reports go to
+# $MNIST_MLOPS_CACHE/image-audits/<image>-<tag>.json, redone after MNIST_MLOPS_IMAGE_AUDIT_TTL
+# seconds (default a day).
+#
+# Environment: MNIST_MLOPS_CACHE (cache dir, default ~/.cache/mnist-mlops), PYTHON (host python
+# for the hashing and pip-audit, default python3), MNIST_MLOPS_CA_BUNDLE (CA bundle put in the
+# base image, default /etc/ssl/certs/ca-certificates.crt), MLFLOW_PREVIOUS_VERSION,
+# MNIST_MLOPS_BUILD_TIMEOUT (seconds per docker build), MNIST_MLOPS_LOCK_TIMEOUT (seconds to wait
+# for a concurrent run), MNIST_MLOPS_IMAGE_AUDIT_TTL. Proxy variables and pip's index settings are
+# read from the host at build time and passed as build arguments, so no host name is written into
+# the repository. dockerd is started (as root, log in the cache dir) when `docker info` fails.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE_DIR="${MNIST_MLOPS_CACHE:-$HOME/.cache/mnist-mlops}"
+PYTHON="${PYTHON:-python3}"
+CA_BUNDLE="${MNIST_MLOPS_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+BUILD_TIMEOUT="${MNIST_MLOPS_BUILD_TIMEOUT:-3600}"
+LOCK_TIMEOUT="${MNIST_MLOPS_LOCK_TIMEOUT:-7200}"
+DOCKERD_START_TIMEOUT=90
+IMPORT_TIMEOUT=1800
+
+# The base image: Debian's own Python, so no registry is needed. Bump BASE_RECIPE_REVISION when
+# the recipe in build_base changes in a way the package list does not show.
+BASE_SUITE=bookworm
+BASE_PACKAGES=(python3.11 python3.11-venv python-is-python3 ca-certificates passwd)
+BASE_RECIPE_REVISION=1
+PAUSE_RECIPE_REVISION=1
+PAUSE_CFLAGS=(-static -Os -s -Wall -Wextra -Werror)
+# The minor before the pinned one, so an upgrade test sees MLflow migrate a database it created.
+MLFLOW_PREVIOUS_VERSION="${MLFLOW_PREVIOUS_VERSION:-3.16.1}"
+# Used unless requirements/dev.txt pins pip-audit itself.
+PIP_AUDIT_DEFAULT_VERSION=2.10.1
+AUDIT_TTL="${MNIST_MLOPS_IMAGE_AUDIT_TTL:-86400}"
+
+IMPORT_SOCK=""
+STRICT_AUDIT=0
+QUIET=0
+
+log() { printf 'build-images: %s\n' "$*" >&2; }
+die() {
+    printf 'build-images: error: %s\n' "$*" >&2
+    exit 1
+}
+usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
+
+while (($#)); do
+    case "$1" in
+    --import-into)
+        (($# >= 2)) || die "--import-into needs a containerd socket path"
+        IMPORT_SOCK="$2"
+        shift 2
+        ;;
+    --import-into=*)
+        IMPORT_SOCK="${1#*=}"
+        shift
+        ;;
+    --strict-audit)
+        STRICT_AUDIT=1
+        shift
+        ;;
+    --quiet)
+        QUIET=1
+        shift
+        ;;
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        usage >&2
+        die "unknown argument: $1"
+        ;;
+    esac
+done
+
+need() { command -v "$1" >/dev/null 2>&1 || die "$1 is required ($2)"; }
+need docker "the Docker CLI"
+need flock "util-linux"
+need timeout "coreutils"
+need sha256sum "coreutils"
+need "$PYTHON" "a host Python 3 for hashing and pip-audit; set PYTHON"
+if [[ -n "$IMPORT_SOCK" ]]; then
+    need ctr "containerd's CLI, for --import-into"
+    [[ -S "$IMPORT_SOCK" ]] || die "--import-into $IMPORT_SOCK is not a socket"
+fi
+[[ -r "$CA_BUNDLE" ]] || die "CA bundle $CA_BUNDLE is not readable; set MNIST_MLOPS_CA_BUNDLE"
+
+mkdir -p "$CACHE_DIR" "$CACHE_DIR/image-builds" "$CACHE_DIR/image-audits"
+# One run at a time per cache: builds of the same tag, the base tarball and dockerd's start would
+# otherwise race. Children that outlive the script (dockerd) must not inherit fd 9, or they would
+# hold the lock forever.
+exec 9>>"$CACHE_DIR/build-images.lock"
+if ! flock -n 9; then
+    log "another build-images run holds $CACHE_DIR/build-images.lock; waiting up to ${LOCK_TIMEOUT}s"
+    flock -w "$LOCK_TIMEOUT" 9 || die "gave up waiting ${LOCK_TIMEOUT}s for $CACHE_DIR/build-images.lock"
+fi
+
+START_SECONDS=$SECONDS
+export DOCKER_CLI_HINTS=false
+# Docker's legacy builder: BuildKit would fetch the `# syntax=` frontend image from a registry.
+export DOCKER_BUILDKIT=0
+
+# --- dockerd -------------------------------------------------------------------------------------
+
+docker_answers() { timeout 20 docker info >/dev/null 2>&1; }
+
+ensure_dockerd() {
+    docker_answers && return 0
+    if [[ -n "${DOCKER_HOST:-}" && "$DOCKER_HOST" != "unix:///var/run/docker.sock" ]]; then
+        die "DOCKER_HOST=$DOCKER_HOST does not answer \`docker info\`; start that daemon first"
+    fi
+    need dockerd "Docker's daemon (Debian package docker.io)"
+    [[ "$(id -u)" == 0 ]] || die "dockerd is not running and starting it needs root"
+    local dockerd_log="$CACHE_DIR/dockerd.log"
+    log "dockerd is not running: starting it (log: $dockerd_log)"
+    # setsid: the daemon outlives this script and is not hit by signals sent to its process group.
+    setsid dockerd >>"$dockerd_log" 2>&1 </dev/null 9>&- &
+    local pid=$! started=$SECONDS
+    while ((SECONDS - started < DOCKERD_START_TIMEOUT)); do
+        if docker_answers; then
+            log "dockerd answers (pid $pid, after $((SECONDS - started))s)"
+            return 0
+        fi
+        # Another run may have started it meanwhile, and ours then exits: only silence is fatal.
+        if ! kill -0 "$pid" 2>/dev/null && ! docker_answers; then
+            tail -n 20 "$dockerd_log" >&2 || true
+            die "dockerd exited before answering; see $dockerd_log"
+        fi
+        sleep 1
+    done
+    die "dockerd did not answer \`docker info\` within ${DOCKERD_START_TIMEOUT}s; see $dockerd_log"
+}
+
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+image_id() { docker image inspect --format '{{.Id}}' "$1"; }
+image_size_mb() { docker image inspect --format '{{.Size}}' "$1" | awk '{printf "%.0f", $1 / 1e6}'; }
+
+# --- host settings passed into builds --------------------------------------------------------------
+
+# Proxies are predefined build arguments (every Dockerfile sees them, none stores them in the image);
+# pip's index settings go only to the Dockerfiles that declare them as ARGs in their build stage.
+PROXY_BUILD_ARGS=()
+declare -A PIP_BUILD_ARGS=()
+HOST_ARGS_COLLECTED=0
+# Only when something is built: asking pip for its configuration costs a warm run seconds.
+collect_host_build_args() {
+    ((HOST_ARGS_COLLECTED)) && return 0
+    HOST_ARGS_COLLECTED=1
+    local name value
+    for name in HTTP_PROXY HTTPS_PROXY NO_PROXY ALL_PROXY http_proxy https_proxy no_proxy all_proxy; do
+        value="${!name:-}"
+        [[ -n "$value" ]] && PROXY_BUILD_ARGS+=(--build-arg "$name=$value")
+    done
+    for name in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_TRUSTED_HOST PIP_DEFAULT_TIMEOUT PIP_PROXY; do
+        value="${!name:-}"
+        [[ -n "$value" ]] && PIP_BUILD_ARGS[$name]="$value"
+    done
+    # The same settings from pip's configuration files (pip.conf), where the environment has none.
+    local key
+    for key in index-url extra-index-url trusted-host timeout proxy; do
+        name="PIP_$(tr 'a-z-' 'A-Z_' <<<"$key")"
+        [[ "$key" == timeout ]] && name=PIP_DEFAULT_TIMEOUT
+        [[ -n "${PIP_BUILD_ARGS[$name]:-}" ]] && continue
+        value="$("$PYTHON" -m pip config get "global.$key" 2>/dev/null || true)"
+        [[ -n "$value" ]] && PIP_BUILD_ARGS[$name]="$value"
+    done
+    return 0
+}
+
+# The host's build arguments a Dockerfile can use: the proxies, and the pip settings it declares.
+host_build_args_for() {
+    local dockerfile="$1" name
+    collect_host_build_args
+    HOST_BUILD_ARGS=("${PROXY_BUILD_ARGS[@]}")
+    for name in "${!PIP_BUILD_ARGS[@]}"; do
+        if grep -qE "^[[:space:]]*ARG[[:space:]]+$name([[:space:]=]|$)" "$dockerfile"; then
+            HOST_BUILD_ARGS+=(--build-arg "$name=${PIP_BUILD_ARGS[$name]}")
+        fi
+    done
+}
+
+# --- content hashes ------------------------------------------------------------------------------
+
+# sha256 (12 hex) over a Dockerfile, every file its COPY instructions take from the build context
+# as .dockerignore admits them (path, executable bit, bytes), and the extra strings given.
+content_hash() {
+    "$PYTHON" - "$REPO_ROOT" "$@" <<'PY'
+import hashlib
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+dockerfile = Path(sys.argv[2])
+extras = sys.argv[3:]
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    # Docker's patternmatcher: ** crosses directories, * and ? do not.
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out, i = out + {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i])), i + 1
+    return re.compile(f"^{out}$")
+
+
+rules = []
+ignore_file = root / ".dockerignore"
+if ignore_file.exists():
+    for raw in ignore_file.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = os.path.normpath(line.removeprefix("!").strip()).lstrip("/")
+        rules.append((negate, pattern_regex(pattern)))
+
+
+def in_context(relative: str) -> bool:
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for negate, regex in rules:
+        if any(regex.match(prefix) for prefix in prefixes):
+            excluded = not negate
+    return not excluded
+
+
+def logical_lines(text: str):
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("#") or (not pending and not line):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        yield pending + line
+        pending = ""
+    if pending:
+        yield pending
+
+
+text = dockerfile.read_text()
+sources = []
+for line in logical_lines(text):
+    instruction, _, rest = line.partition(" ")
+    instruction = instruction.upper()
+    if instruction == "ADD":
+        sys.exit(f"{dockerfile}: ADD is not supported by the content hash; use COPY")
+    if instruction != "COPY":
+        continue
+    words = [w for w in shlex.split(rest) if not w.startswith("--")]
+    if any(w.startswith("--from") for w in shlex.split(rest)):
+        continue
+    for source in words[:-1]:
+        if "$" in source:
+            sys.exit(f"{dockerfile}: COPY source {source} uses a variable the content hash cannot expand")
+        sources.append(source)
+
+digest = hashlib.sha256()
+digest.update(b"dockerfile\0" + text.encode() + b"\0")
+files = set()
+for source in sources:
+    matches = sorted(root.glob(source)) if any(c in source for c in "*?[") else [root / source]
+    if not matches or not all(m.exists() for m in matches):
+        sys.exit(f"{dockerfile}: COPY source {source} does not exist")
+    for match in matches:
+        candidates = [p for p in match.rglob("*")] if match.is_dir() else [match]
+        for path in candidates:
+            if path.is_file() or path.is_symlink():
+                relative = path.relative_to(root).as_posix()
+                if in_context(relative):
+                    files.add(relative)
+for relative in sorted(files):
+    path = root / relative
+    if path.is_symlink():
+        body = b"symlink:" + os.readlink(path).encode()
+    else:
+        body = path.read_bytes()
+    executable = b"x" if os.access(path, os.X_OK) else b"-"
+    digest.update(relative.encode() + b"\0" + executable + hashlib.sha256(body).digest())
+digest.update(json.dumps(extras).encode())
+print(digest.hexdigest()[:12])
+PY
+}
+
+# --- builds --------------------------------------------------------------------------------------
+
+declare -A REFS=()
+declare -A BUILD_SECONDS=()
+ORDER=(training serving operator mlflow mlflow_previous pause)
+
+# Runs a docker build with its output in a per-image log (and on stderr unless --quiet).
+run_build() {
+    local log_file="$1"
+    shift
+    local status=0
+    if ((QUIET)); then
+        timeout "$BUILD_TIMEOUT" docker build "$@" >"$log_file" 2>&1 9>&- || status=$?
+    else
+        timeout "$BUILD_TIMEOUT" docker build "$@" 2>&1 9>&- | tee "$log_file" >&2 || status=$?
+    fi
+    if ((status != 0)); then
+        ((QUIET)) && tail -n 40 "$log_file" >&2
+        ((status == 124)) && die "docker build timed out after ${BUILD_TIMEOUT}s; log: $log_file"
+        die "docker build failed (exit $status); log: $log_file"
+    fi
+}
+
+BASE_REF=""
+build_base() {
+    local ca_hash apt_opts=() proxy
+    ca_hash="$(sha256sum <"$CA_BUNDLE" | cut -c1-64)"
+    local hash
+    hash="$(printf '%s\n' "suite=$BASE_SUITE" "packages=${BASE_PACKAGES[*]}" \
+        "recipe=$BASE_RECIPE_REVISION" "ca=$ca_hash" | sha256sum | cut -c1-12)"
+    BASE_REF="mnist-mlops/python-base:$hash"
+    if image_exists "$BASE_REF"; then
+        log "base $BASE_REF: cached"
+        return 0
+    fi
+    need mmdebstrap "to build the Debian base image (Debian package mmdebstrap)"
+    [[ "$(id -u)" == 0 ]] || die "building the base image with mmdebstrap needs root"
+    # The host's apt proxy, if any, so the chroot's apt reaches the archive the same way.
+    for proxy in Acquire::http::Proxy Acquire::https::Proxy; do
+        local value
+        value="$(apt-config dump "$proxy" 2>/dev/null | sed -n "s/^$proxy \"\(.*\)\";$/\1/p" | head -n 1)"
+        [[ -n "$value" ]] && apt_opts+=(--aptopt="$proxy \"$value\"")
+    done
+    local work="$CACHE_DIR/base-build"
+    mkdir -p "$work"
+    local tarball="$work/base-$hash.tar" started=$SECONDS
+    log "base $BASE_REF: mmdebstrap $BASE_SUITE (${BASE_PACKAGES[*]}), log: $work/base-$hash.log"
+    # Docs, man pages and translations are dropped (copyright files kept), as in Docker's slim
+    # images. The host's CA bundle replaces Debian's so pip reaches PyPI through the host's egress.
+    if ! timeout 1800 mmdebstrap --variant=minbase --mode=root \
+        --include="$(
+            IFS=,
+            echo "${BASE_PACKAGES[*]}"
+        )" \
+        "${apt_opts[@]}" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/info/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --customize-hook="upload $CA_BUNDLE /etc/ssl/certs/ca-certificates.crt" \
+        "$BASE_SUITE" "$tarball" >"$work/base-$hash.log" 2>&1 9>&-; then
+        tail -n 30 "$work/base-$hash.log" >&2
+        rm -f "$tarball"
+        die "mmdebstrap failed; log: $work/base-$hash.log"
+    fi
+    docker import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' \
+        --change 'CMD ["python3"]' \
+        "$tarball" "$BASE_REF" >/dev/null
+    rm -f "$tarball"
+    BUILD_SECONDS[base]=$((SECONDS - started))
+    log "base $BASE_REF: built in ${BUILD_SECONDS[base]}s, $(image_size_mb "$BASE_REF") MB"
+}
+
+# build_app NAME REPOSITORY DOCKERFILE EXTRA_TAG [--build-arg K=V ...]: content-hashed build on the base.
+build_app() {
+    local name="$1" repository="$2" dockerfile="$3" prefix="$4"
+    shift 4
+    local content_args=("$@") base_id hash
+    base_id="$(image_id "$BASE_REF")"
+    hash="$(content_hash "$REPO_ROOT/$dockerfile" "base=$base_id" "${content_args[@]}")"
+    local ref="$repository:$prefix$hash"
+    REFS[$name]="$ref"
+    if image_exists "$ref"; then
+        log "$name $ref: cached"
+        return 0
+    fi
+    local log_file="$CACHE_DIR/image-builds/$name-$prefix$hash.log" started=$SECONDS
+    log "$name $ref: building $dockerfile (log: $log_file)"
+    host_build_args_for "$REPO_ROOT/$dockerfile"
+    run_build "$log_file" --network host -f "$REPO_ROOT/$dockerfile" \
+        --build-arg "PYTHON_IMAGE=$BASE_REF" "${content_args[@]}" "${HOST_BUILD_ARGS[@]}" \
+        --label "io.mnist-mlops.content-hash=$hash" -t "$ref" "$REPO_ROOT"
+    BUILD_SECONDS[$name]=$((SECONDS - started))
+    log "$name $ref: built in ${BUILD_SECONDS[$name]}s, $(image_size_mb "$ref") MB"
+}
+
+build_pause() {
+    local source="$REPO_ROOT/scripts/pause/pause.c" compiler hash
+    # The pause image is FROM scratch: a static binary and nothing else.
+    local dockerfile=$'FROM scratch\nCOPY pause /pause\nUSER 65535:65535\nENTRYPOINT ["/pause"]\n'
+    need gcc "to compile the pause program"
+    compiler="$(gcc --version | head -n 1)"
+    hash="$(
+        {
+            cat "$source"
+            printf '%s\n' "$dockerfile" "cflags=${PAUSE_CFLAGS[*]}" "compiler=$compiler" \
+                "recipe=$PAUSE_RECIPE_REVISION"
+        } | sha256sum | cut -c1-12
+    )"
+    local ref="mnist-mlops/pause:$hash"
+    REFS[pause]="$ref"
+    if image_exists "$ref"; then
+        log "pause $ref: cached"
+        return 0
+    fi
+    local work="$CACHE_DIR/pause-build/$hash" started=$SECONDS
+    rm -rf "$work"
+    mkdir -p "$work"
+    gcc "${PAUSE_CFLAGS[@]}" -o "$work/pause" "$source" || die "compiling $source failed"
+    printf '%s' "$dockerfile" >"$work/Dockerfile"
+    run_build "$CACHE_DIR/image-builds/pause-$hash.log" -t "$ref" "$work"
+    BUILD_SECONDS[pause]=$((SECONDS - started))
+    log "pause $ref: built in ${BUILD_SECONDS[pause]}s, $(image_size_mb "$ref") MB"
+}
+
+# --- audit ---------------------------------------------------------------------------------------
+
+PIP_AUDIT=""
+ensure_pip_audit() {
+    [[ -n "$PIP_AUDIT" ]] && return 0
+    local version
+    # One pin for the project: requirements/dev.txt's, when it has one.
+    version="$(sed -n 's/^pip-audit==\([^ #;]*\).*/\1/p' "$REPO_ROOT/requirements/dev.txt" 2>/dev/null | head -n 1)"
+    version="${version:-$PIP_AUDIT_DEFAULT_VERSION}"
+    local venv="$CACHE_DIR/pip-audit-$version"
+    if [[ ! -f "$venv/.ready" ]]; then
+        log "installing pip-audit $version into $venv"
+        rm -rf "$venv"
+        timeout 120 "$PYTHON" -m venv "$venv" 9>&- || die "could not create $venv"
+        timeout 900 "$venv/bin/pip" install --quiet "pip-audit==$version" 9>&- ||
+            die "could not install pip-audit $version into $venv"
+        touch "$venv/.ready"
+    fi
+    PIP_AUDIT="$venv/bin/pip-audit"
+}
+
+AUDIT_PROBLEMS=0
+# Lists what is installed without pip, so an image that drops pip can still be audited.
+LIST_DISTRIBUTIONS='import importlib.metadata as m
+print("\n".join(sorted({d.metadata["Name"] + "==" + d.version for d in m.distributions()})))'
+
+# Audits the Python packages installed in an image. The report is kept per tag for AUDIT_TTL
+# seconds: advisories appear after an image is built, so an old report is redone, not trusted.
+audit_image() {
+    local name="$1" ref="$2"
+    local slug="${name//_/-}-${ref##*:}"
+    local report="$CACHE_DIR/image-audits/$slug.json"
+    local frozen="$CACHE_DIR/image-audits/$slug.requirements.txt"
+    if [[ ! -s "$report" ]] || (($(date +%s) - $(stat -c %Y "$report") > AUDIT_TTL)); then
+        ensure_pip_audit
+        if [[ ! -s "$frozen" ]]; then
+            if ! timeout 300 docker run --rm --network none --read-only --tmpfs /tmp --cap-drop ALL \
+                --entrypoint /opt/venv/bin/python "$ref" -c "$LIST_DISTRIBUTIONS" >"$frozen.tmp" 9>&-; then
+                AUDIT_PROBLEMS=$((AUDIT_PROBLEMS + 1))
+                log "AUDIT $name $ref: could not list its packages"
+                return 0
+            fi
+            mv "$frozen.tmp" "$frozen"
+        fi
+        local started=$SECONDS status=0 ignored=()
+        # The project's acknowledged advisories (requirements/audit-ignore.conf), as for the sets.
+        if [[ -f "$REPO_ROOT/requirements/audit-ignore.conf" ]]; then
+            local id
+            while read -r id; do
+                ignored+=(--ignore-vuln "$id")
+            done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e '/^[[:space:]]*unaudited:/d' \
+                "$REPO_ROOT/requirements/audit-ignore.conf" | awk '{print $1}')
+        fi
+        # --no-deps --disable-pip: the list is the complete, pinned set, so nothing is resolved.
+        timeout 900 "$PIP_AUDIT" --requirement "$frozen" --no-deps --disable-pip "${ignored[@]}" \
+            --vulnerability-service pypi --format json --progress-spinner off --timeout 15 \
+            --cache-dir "$CACHE_DIR/pip-audit-cache" --output "$report.tmp" \
+            2>"$CACHE_DIR/image-audits/$slug.log" 9>&- || status=$?
+        # pip-audit exits 1 when it finds vulnerabilities; only a missing report means it failed.
+        if ! "$PYTHON" -c 'import json,sys; json.load(open(sys.argv[1]))' "$report.tmp" 2>/dev/null; then
+            rm -f "$report.tmp"
+            AUDIT_PROBLEMS=$((AUDIT_PROBLEMS + 1))
+            tail -n 5 "$CACHE_DIR/image-audits/$slug.log" >&2 || true
+            log "AUDIT $name $ref: pip-audit failed (exit $status), no report; see $CACHE_DIR/image-audits/$slug.log"
+            return 0
+        fi
+        mv "$report.tmp" "$report"
+        log "audit $name: pip-audit took $((SECONDS - started))s"
+    fi
+    local counts
+    counts="$("$PYTHON" - "$name" "$ref" "$report" <<'PY'
+import json
+import sys
+
+name, ref, path = sys.argv[1:4]
+with open(path) as f:
+    report = json.load(f)
+deps = report.get("dependencies", [])
+vulnerable = [d for d in deps if d.get("vulns")]
+skipped = [d for d in deps if "skip_reason" in d]
+ids = sum(len(d["vulns"]) for d in vulnerable)
+line = (
+    f"build-images: audit {name} {ref}: {len(deps)} packages, {len(vulnerable)} vulnerable ({ids} advisories), "
+    f"{len(skipped)} not audited; report {path}"
+)
+print(line, file=sys.stderr)
+for dep in vulnerable:
+    advisories = ", ".join(
+        f"{v['id']} (fixed in {', '.join(v.get('fix_versions') or ['nothing yet'])})" for v in dep["vulns"]
+    )
+    print(f"  VULNERABLE {name}: {dep['name']} {dep.get('version', '?')}: {advisories}", file=sys.stderr)
+# One line per reason: a service that answers nothing would otherwise print one line per package.
+reasons: dict[str, list[str]] = {}
+for dep in skipped:
+    reason, _, which = dep["skip_reason"].partition(": ")
+    reasons.setdefault(reason, []).append(which or dep["name"])
+for reason, names in reasons.items():
+    print(f"  NOT AUDITED {name}, {len(names)} packages ({reason}): {', '.join(names)}", file=sys.stderr)
+print(len(vulnerable) + len(skipped))
+PY
+)" || die "could not read the audit report $report"
+    AUDIT_PROBLEMS=$((AUDIT_PROBLEMS + counts))
+}
+
+# --- containerd import ---------------------------------------------------------------------------
+
+# The CRI normalises `image: mnist-mlops/serving:<tag>` to docker.io/mnist-mlops/serving:<tag>,
+# which is also the name `ctr images import` gives a `docker save` of mnist-mlops/serving:<tag>.
+import_into_containerd() {
+    local sock="$1" existing name ref full started
+    existing="$(timeout 60 ctr --address "$sock" -n k8s.io images ls -q 9>&-)" ||
+        die "could not list images through $sock"
+    for name in "${ORDER[@]}"; do
+        ref="${REFS[$name]}"
+        full="docker.io/$ref"
+        if grep -qxF "$full" <<<"$existing"; then
+            log "containerd $sock: $full present"
+        else
+            started=$SECONDS
+            log "containerd $sock: importing $full"
+            docker save "$ref" 9>&- |
+                timeout "$IMPORT_TIMEOUT" ctr --address "$sock" -n k8s.io images import - >&2 9>&- ||
+                die "importing $ref into containerd at $sock failed"
+            grep -qxF "$full" <<<"$(ctr --address "$sock" -n k8s.io images ls -q 9>&-)" ||
+                die "containerd at $sock does not list $full after importing it"
+            log "containerd $sock: imported $full in $((SECONDS - started))s"
+        fi
+        if [[ "$name" != mlflow_previous ]]; then
+            ctr --address "$sock" -n k8s.io images tag --force "$full" "docker.io/${ref%%:*}:dev" >/dev/null 9>&- ||
+                die "could not tag $full as :dev in containerd at $sock"
+        fi
+    done
+}
+
+# --- main ----------------------------------------------------------------------------------------
+
+ensure_dockerd
+MLFLOW_VERSION="$(sed -n 's/^mlflow==\([^ #;]*\).*/\1/p' "$REPO_ROOT/requirements/training.txt" | head -n 1)"
+[[ -n "$MLFLOW_VERSION" ]] || die "requirements/training.txt does not pin mlflow==<version>"
+
+build_base
+build_app training mnist-mlops/training training_job/Dockerfile ""
+build_app serving mnist-mlops/serving serving/Dockerfile ""
+build_app operator mnist-mlops/operator operator/Dockerfile ""
+build_app mlflow mnist-mlops/mlflow mlflow-server/Dockerfile "" --build-arg "MLFLOW_VERSION=$MLFLOW_VERSION"
+build_app mlflow_previous mnist-mlops/mlflow mlflow-server/Dockerfile "$MLFLOW_PREVIOUS_VERSION-" \
+    --build-arg "MLFLOW_VERSION=$MLFLOW_PREVIOUS_VERSION"
+build_pause
+
+# :dev follows the current tree (kind, skaffold-less deploys); the MLflow images also carry their
+# version, which is what an upgrade test names.
+for name in training serving operator mlflow pause; do
+    docker tag "${REFS[$name]}" "${REFS[$name]%%:*}:dev"
+done
+docker tag "${REFS[mlflow]}" "mnist-mlops/mlflow:$MLFLOW_VERSION"
+docker tag "${REFS[mlflow_previous]}" "mnist-mlops/mlflow:$MLFLOW_PREVIOUS_VERSION"
+
+for name in training serving operator mlflow mlflow_previous; do
+    audit_image "$name" "${REFS[$name]}"
+done
+if ((AUDIT_PROBLEMS > 0)); then
+    log "AUDIT: $AUDIT_PROBLEMS vulnerable or unaudited packages across the images (see above)"
+    if ((STRICT_AUDIT)); then
+        log "error: --strict-audit: failing"
+        exit 3
+    fi
+fi
+
+if [[ -n "$IMPORT_SOCK" ]]; then
+    import_into_containerd "$IMPORT_SOCK"
+fi
+
+log "done in $((SECONDS - START_SECONDS))s"
+for name in "${ORDER[@]}"; do
+    printf '%s=%s\n' "$name" "${REFS[$name]}"
+done
