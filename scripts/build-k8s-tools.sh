@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds (once) and caches the binaries the integration tests need for a real
 # single-node Kubernetes cluster: etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubelet, kube-proxy, kubectl, CoreDNS, metrics-server and
-# helm. Everything is compiled from Go modules fetched through the Go module
+# kube-scheduler, kubelet, kube-proxy, kubectl, CoreDNS, metrics-server,
+# Prometheus and helm. Everything is compiled from Go modules fetched through the Go module
 # proxy, because that is the only source of binaries reachable on our machines
 # and in CI (no container images, no release tarballs).
 #
@@ -22,6 +22,9 @@ ETCD_VERSION="v3.7.3"
 HELM_VERSION="v3.22.0"
 COREDNS_VERSION="v1.15.0"
 METRICS_SERVER_VERSION="v0.8.0"
+# Prometheus 3.x's Go module version. Debian's prometheus is built without Kubernetes service
+# discovery, which the end-to-end tier needs; upstream's go.mod has no replace directives.
+PROMETHEUS_VERSION="v0.316.0"
 # Bump when the build recipe itself changes so stale caches are not reused.
 RECIPE_REVISION="2"
 # ---------------------------------------------------------------------------
@@ -48,7 +51,7 @@ GOOS="$("$GO_BIN" env GOOS)"
 GOARCH="$("$GO_BIN" env GOARCH)"
 
 CACHE_ROOT="${MNIST_MLOPS_CACHE:-$HOME/.cache/mnist-mlops}/k8s-tools"
-KEY="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}_ms-${METRICS_SERVER_VERSION}_${GO_VERSION}_${GOOS}-${GOARCH}_r${RECIPE_REVISION}"
+KEY="k8s-${KUBERNETES_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_coredns-${COREDNS_VERSION}_ms-${METRICS_SERVER_VERSION}_prom-${PROMETHEUS_VERSION}_${GO_VERSION}_${GOOS}-${GOARCH}_r${RECIPE_REVISION}"
 KEY_DIR="${CACHE_ROOT}/${KEY}"
 BIN_DIR="${KEY_DIR}/bin"
 STAMP="${KEY_DIR}/.complete"
@@ -224,6 +227,8 @@ t0=$(date +%s); build_go_install coredns "github.com/coredns/coredns@${COREDNS_V
 log "coredns done in $(($(date +%s) - t0))s"
 t0=$(date +%s); build_go_install metrics-server "sigs.k8s.io/metrics-server/cmd/metrics-server@${METRICS_SERVER_VERSION}"
 log "metrics-server done in $(($(date +%s) - t0))s"
+t0=$(date +%s); build_go_install prometheus "github.com/prometheus/prometheus/cmd/prometheus@${PROMETHEUS_VERSION}"
+log "prometheus done in $(($(date +%s) - t0))s"
 
 # Smoke-check before publishing the cache: a binary that cannot even report
 # its version must not be cached as good. Each output is read whole before it
@@ -243,6 +248,7 @@ expect_version etcd "etcd Version: ${ETCD_VERSION#v}" --version
 expect_version helm "^${HELM_VERSION}" version --short
 expect_version coredns "CoreDNS-${COREDNS_VERSION#v}" -version
 expect_version metrics-server "." --version
+expect_version prometheus "prometheus, version" --version
 
 mv "$STAGE_DIR" "$BIN_DIR"
 {
@@ -251,6 +257,7 @@ mv "$STAGE_DIR" "$BIN_DIR"
     echo "helm=${HELM_VERSION}"
     echo "coredns=${COREDNS_VERSION}"
     echo "metrics_server=${METRICS_SERVER_VERSION}"
+    echo "prometheus=${PROMETHEUS_VERSION}"
     echo "go=${GO_VERSION}"
     echo "build_seconds=$(($(date +%s) - START_TS))"
 } >"$STAMP"

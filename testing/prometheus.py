@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's) that finds its targets through the Kubernetes API.
+"""A real Prometheus that finds its targets through the Kubernetes API.
 
 prometheus-operator does not build here (its go.mod carries replace directives, so `go install`
 refuses it), so :func:`scrape_job` writes the scrape job that prometheus-operator generates from a
@@ -11,7 +11,6 @@ real thing.
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -95,14 +94,12 @@ def scrape_job(
 
 
 class Prometheus:
-    """Debian's prometheus on a free loopback port with the given scrape jobs."""
+    """A prometheus on a free loopback port with the given scrape jobs. Kubernetes discovery needs
+    upstream's build (scripts/build-k8s-tools.sh): Debian's leaves that discoverer out."""
 
-    def __init__(self, jobs: list[dict[str, Any]], directory: Path) -> None:
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise RuntimeError(
-                "prometheus is missing: apt-get install prometheus (scripts/install-system-deps.sh)"
-            )
+    def __init__(self, jobs: list[dict[str, Any]], directory: Path, binary: Path) -> None:
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing (scripts/build-k8s-tools.sh builds it)")
         directory.mkdir(parents=True, exist_ok=True)
         config = {"global": {"scrape_interval": "2s", "evaluation_interval": "2s"}, "scrape_configs": jobs}
         config_path = directory / "prometheus.yml"
@@ -114,7 +111,7 @@ class Prometheus:
         self.log_path = directory / "prometheus.log"
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [binary, f"--config.file={config_path}", f"--storage.tsdb.path={directory / 'data'}",
+                [str(binary), f"--config.file={config_path}", f"--storage.tsdb.path={directory / 'data'}",
                  f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip

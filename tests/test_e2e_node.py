@@ -317,7 +317,11 @@ def test_prometheus_discovers_serving_pods_through_the_api(
     platform: Platform, trained: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     monitor = platform.get("servicemonitor", f"{RELEASE}-serving")
-    prometheus = Prometheus([scrape_job(monitor, platform.cluster.kubeconfig_path, interval="2s")], tmp_path)
+    prometheus = Prometheus(
+        [scrape_job(monitor, platform.cluster.kubeconfig_path, interval="2s")],
+        tmp_path,
+        binary=platform.cluster.plane.bin_dir / "prometheus",
+    )
     try:
         serving_pods = {pod["metadata"]["name"] for pod in platform.get(
             "pods", "-l", "app.kubernetes.io/component=serving")["items"] if _ready(pod)}  # fmt: skip
