@@ -523,6 +523,8 @@ class NodeCluster:
                 # The kubelet serves a self-signed certificate (no serving-certificate bootstrap).
                 "--kubelet-insecure-tls",
                 "--kubelet-preferred-address-types=InternalIP",
+                # The kubelet listens on a free port, published in the Node's status, not 10250.
+                "--kubelet-use-node-status-port",
                 "--metric-resolution=15s",
             ],
         )
