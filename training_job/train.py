@@ -355,6 +355,18 @@ def _pinned(*distributions: str) -> list[str]:
     return [f"{name}=={version(name)}" for name in ("mlflow", *distributions)]
 
 
+def _tensorflow_distribution() -> str:
+    """tensorflow-cpu on x86-64, tensorflow elsewhere (requirements/training.txt picks per
+    architecture; aarch64 has no tensorflow-cpu wheel): whichever this process has."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("tensorflow-cpu")
+    except PackageNotFoundError:
+        return "tensorflow"
+    return "tensorflow-cpu"
+
+
 def _log_keras_model(model: Any, signature: Any, example: npt.NDArray[np.float32]) -> str:
     """Logs the Keras-flavor model with its signature and input example; returns its URI.
 
@@ -372,7 +384,7 @@ def _log_keras_model(model: Any, signature: Any, example: npt.NDArray[np.float32
             path,
             signature=signature,
             input_example=example,
-            pip_requirements=_pinned("keras", "tensorflow-cpu"),
+            pip_requirements=_pinned("keras", _tensorflow_distribution()),
         )
         mlflow.log_artifacts(path, artifact_path=KERAS_ARTIFACT_PATH)
     run = mlflow.active_run()
