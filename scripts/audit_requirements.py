@@ -1,6 +1,9 @@
-"""Audit every requirement set (requirements/*.txt) for known vulnerabilities.
+"""Audit every requirement set (requirements/*.txt), or an image's installed packages, for known
+vulnerabilities.
 
     python scripts/audit_requirements.py [SET ...]     # `make audit`; tests/test_audit.py runs it too
+    python scripts/audit_requirements.py --freeze FILE --label IMAGE [--requirement FILE] [--direct NAME]
+        [--report FILE.json]                           # scripts/build-images.sh, once per image
 
 The sets pin their direct requirements only, so auditing the files alone (`pip-audit -r --no-deps`)
 would miss every transitive package, and letting pip-audit resolve them builds a virtualenv per set.
@@ -11,6 +14,11 @@ set's complete pinned closure, plus the installer tools (pip, setuptools, wheel)
 virtualenv carries. A set installed nowhere here (an image-only set such as mlflow-server.txt) is
 resolved by pip's resolver without installing anything (`pip install --dry-run --report`). The pins
 are then audited by pip-audit with `--no-deps --disable-pip`: no resolution, no virtualenv.
+
+--freeze audits a complete `name==version` list instead (what an image holds, as build-images.sh lists
+it), with the same sources, cache, ignore file and verdict as a set; the packages named by --requirement
+files or --direct count as its direct requirements. --report writes the verdict as JSON, so the caller
+can keep it and decide strict or not later without auditing again.
 
 pip-audit asks PyPI's per-release JSON (`/pypi/NAME/VERSION/json`). Where that answers 404 (mirrors and
 proxies of PyPI often serve only the project JSON), pip-audit reports "Dependency not found on PyPI and
@@ -72,6 +80,7 @@ HTTP_WORKERS = 8
 DEFAULT_TTL = 3600.0
 NOT_FOUND_ON_PYPI = "not found on PyPI"
 STRICT_ENV = "MNIST_MLOPS_AUDIT_STRICT"
+TRANSIENT_REASON = "PyPI's project JSON could not be read"
 
 
 class AuditError(RuntimeError):
@@ -265,6 +274,35 @@ def resolve_set(set_name: str, cache: Path, ttl: float) -> Resolution:
     return Resolution(set_name, f"installed in {venv}", closure(requirements, installed_distributions(venv)))
 
 
+FROZEN_LINE = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>\S+)")
+
+
+def read_freeze(path: Path, label: str, direct: Iterable[str]) -> Resolution:
+    """A complete `name==version` list: nothing is resolved, so anything looser is refused."""
+    direct_keys = {canonicalize_name(name) for name in direct}
+    pins: dict[str, Pin] = {}
+    problems: list[str] = []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        entry = FROZEN_LINE.fullmatch(line)
+        if entry is None:
+            problems.append(f"{path.name}:{number}: want `name==version`, got {raw!r}")
+            continue
+        pin = Pin(
+            entry.group("name"), entry.group("version"), canonicalize_name(entry.group("name")) in direct_keys
+        )
+        if pin.key in pins and pins[pin.key].version != pin.version:
+            problems.append(f"{path.name}:{number}: {pin.name} is listed at {pins[pin.key].version} too")
+        pins[pin.key] = pin
+    if problems:
+        raise AuditError("\n".join(problems))
+    if not pins:
+        raise AuditError(f"{path} lists no package")
+    return Resolution(label, f"listed in {path.name}", sorted(pins.values(), key=lambda pin: pin.key))
+
+
 # --- pip-audit, and PyPI's latest-release advisories where pip-audit finds nothing ---------------
 
 
@@ -382,7 +420,7 @@ def audit_from_latest_release(pin: Pin, cache: Path, ttl: float) -> PinAudit:
     try:
         latest, advisories = latest_release(pin.name, cache, ttl)
     except (requests.RequestException, ValueError, KeyError) as exc:
-        return PinAudit(None, f"PyPI's project JSON could not be read: {exc}")
+        return PinAudit(None, f"{TRANSIENT_REASON}: {exc}")
     if not _same_version(pin.version, latest):
         return PinAudit(None, f"no per-release advisories on this index, and the latest release is {latest}")
     vulns = (_vulnerability(pin, advisory, "fixed_in", ("summary", "details")) for advisory in advisories)
@@ -449,7 +487,7 @@ def audit_pins(
     for pin in todo:
         found = results.get((pin.key, pin.version)) or PinAudit(None, "pip-audit did not report it")
         results[(pin.key, pin.version)] = found
-        if not found.reason.startswith("PyPI's project JSON could not be read"):  # transient: not kept
+        if not found.reason.startswith(TRANSIENT_REASON):  # not kept: the next run asks again
             _write(cache_path(pin), found.to_json())
     return results
 
@@ -560,6 +598,37 @@ class SetReport:
         lines += [f"    {failure}" for failure in failures]
         return "\n".join(lines)
 
+    def to_json(self) -> dict[str, Any]:
+        """The report with both verdicts, so a kept copy answers a strict and a lenient caller alike."""
+        packages = []
+        for pin in self.resolution.pins:
+            found = self._audit(pin)
+            packages.append(
+                {
+                    "name": pin.name,
+                    "version": pin.version,
+                    "direct": pin.direct,
+                    "audited_by": found.audited_by,
+                    "reason": found.reason,
+                    "acknowledged": not found.audited_by and pin.key in self.ignore.unaudited,
+                    "vulnerabilities": [
+                        {**dataclasses.asdict(vuln), "ignored": self.is_ignored(vuln)}
+                        for vuln in found.vulnerabilities
+                    ],
+                }
+            )
+        return {
+            "label": self.name,
+            "source": self.resolution.source,
+            "packages": packages,
+            "audited": len(self.audited),
+            "not_auditable": len(self.unaudited),
+            "vulnerabilities": len(self.vulnerabilities),
+            "transient": sum(1 for _, why in self.unaudited if why.startswith(TRANSIENT_REASON)),
+            "failures": self.failures(strict=False),
+            "strict_failures": self.failures(strict=True),
+        }
+
 
 def audit_sets(names: Sequence[str], ignore: IgnoreList | None = None) -> list[SetReport]:
     """Audits the sets together: each distinct pin is looked up once, whichever sets share it."""
@@ -570,6 +639,26 @@ def audit_sets(names: Sequence[str], ignore: IgnoreList | None = None) -> list[S
     audits = audit_pins((pin for resolution in resolutions for pin in resolution.pins), cache, ttl)
     seconds = time.monotonic() - started
     return [SetReport(resolution, audits, ignore, seconds) for resolution in resolutions]
+
+
+def audit_freeze(
+    path: Path, label: str, direct: Iterable[str] = (), ignore: IgnoreList | None = None
+) -> SetReport:
+    """Audits a complete `name==version` list (an image's packages) as a set is audited."""
+    ignore = read_ignore_file() if ignore is None else ignore
+    started = time.monotonic()
+    resolution = read_freeze(path, label, direct)
+    audits = audit_pins(resolution.pins)
+    return SetReport(resolution, audits, ignore, time.monotonic() - started)
+
+
+def direct_names(requirement_files: Sequence[Path], names: Sequence[str]) -> list[str]:
+    """The names the requirement files (includes followed) and --direct give, markers ignored: an
+    image is one platform, and a requirement it skipped is simply not in its list."""
+    found = list(names)
+    for path in requirement_files:
+        found += [req.name for req in read_requirements(path)[0]]
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -583,14 +672,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get(STRICT_ENV) == "1",
         help=f"also fail on a direct requirement that could not be audited (or {STRICT_ENV}=1)",
     )
+    freeze = parser.add_argument_group("an arbitrary package list (an image's), instead of sets")
+    freeze.add_argument("--freeze", type=Path, metavar="FILE", help="a complete `name==version` list")
+    freeze.add_argument("--label", help="the list's name in the report (default: FILE's stem)")
+    freeze.add_argument(
+        "--requirement",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="a requirement file the list was installed from: what it names counts as direct",
+    )
+    freeze.add_argument(
+        "--direct", action="append", default=[], metavar="NAME", help="a package that counts as direct"
+    )
+    parser.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON")
     args = parser.parse_args(argv)
+    if args.freeze is None and (args.label or args.requirement or args.direct):
+        parser.error("--label, --requirement and --direct go with --freeze")
+    if args.freeze is not None and args.sets:
+        parser.error("either requirement sets or --freeze")
+    if args.report is not None and args.freeze is None and len(args.sets) != 1:
+        parser.error("--report writes one report: give --freeze or a single set")
     try:
-        reports = audit_sets(args.sets or requirement_sets())
-    except AuditError as exc:
+        if args.freeze is not None:
+            direct = direct_names(args.requirement, args.direct)
+            reports = [audit_freeze(args.freeze, args.label or args.freeze.stem, direct)]
+        else:
+            reports = audit_sets(args.sets or requirement_sets())
+    except (AuditError, OSError) as exc:
         print(f"the audit could not run: {exc}", file=sys.stderr)
         return 2
     for report in reports:
         print(report.render(args.strict))
+    if args.report is not None:
+        _write(args.report, reports[0].to_json())
     return 1 if any(report.failures(args.strict) for report in reports) else 0
 
 

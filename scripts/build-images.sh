@@ -6,8 +6,10 @@
 #
 # --import-into SOCK  also import every image that containerd's k8s.io namespace (the CRI's) lacks,
 #                     through the containerd socket SOCK, and point its :dev tag at the current build
-# --strict-audit      exit 3 when an installed package is vulnerable or could not be audited
-#                     (by default these are printed loudly and the build succeeds)
+# --strict-audit      exit 3 when an image fails the audit's strict verdict: a known vulnerability,
+#                     or a direct requirement that could not be audited, that
+#                     requirements/audit-ignore.conf does not acknowledge (by default problems are
+#                     printed loudly, a vulnerability included, and the build succeeds)
 # --quiet             docker build output goes only to the per-image log, not to stderr
 #
 # stdout ends with one name=ref line per image, in this order: training, serving, operator, mlflow,
@@ -19,14 +21,15 @@
 # mlflow_previous is also tagged :dev (kind, `make deploy`); the MLflow images also carry their
 # MLflow version as a tag. The pause image is a pod sandbox image (scripts/pause/pause.c).
 #
-# The Python packages in each image are listed and checked with pip-audit (advisories acknowledged
-# in requirements/audit-ignore.conf are ignored); the JSON reports go to
-# $MNIST_MLOPS_CACHE/image-audits/<image>-<tag>.json, redone after MNIST_MLOPS_IMAGE_AUDIT_TTL
-# seconds (default a day).
+# The Python packages in each image are listed and audited by scripts/audit_requirements.py --freeze,
+# as the requirement sets are (pip-audit, PyPI's latest-release advisories where this index has no
+# per-release ones, requirements/audit-ignore.conf); the reports, as text and JSON, go to
+# $MNIST_MLOPS_CACHE/image-audits/<image>-<tag>.{txt,json}, kept per tag and redone after
+# MNIST_MLOPS_IMAGE_AUDIT_TTL seconds (default a day) or when the audit's code or ignore file change.
 #
 # Environment: MNIST_MLOPS_CACHE (cache dir, default ~/.cache/mnist-mlops), PYTHON (host python
-# for the hashing and pip-audit, default python3), MNIST_MLOPS_CA_BUNDLE (CA bundle put in the
-# base image, default /etc/ssl/certs/ca-certificates.crt), MLFLOW_PREVIOUS_VERSION,
+# for the hashing and pip-audit's virtualenv, default python3), MNIST_MLOPS_CA_BUNDLE (CA bundle put
+# in the base image, default /etc/ssl/certs/ca-certificates.crt), MLFLOW_PREVIOUS_VERSION,
 # MNIST_MLOPS_BUILD_TIMEOUT (seconds per docker build), MNIST_MLOPS_LOCK_TIMEOUT (seconds to wait
 # for a concurrent run), MNIST_MLOPS_IMAGE_AUDIT_TTL. Proxy variables and pip's index settings are
 # read from the host at build time and passed as build arguments, so no host name is written into
@@ -101,7 +104,7 @@ need docker "the Docker CLI"
 need flock "util-linux"
 need timeout "coreutils"
 need sha256sum "coreutils"
-need "$PYTHON" "a host Python 3 for hashing and pip-audit; set PYTHON"
+need "$PYTHON" "a host Python 3 for hashing; set PYTHON"
 if [[ -n "$IMPORT_SOCK" ]]; then
     need ctr "containerd's CLI, for --import-into"
     [[ -S "$IMPORT_SOCK" ]] || die "--import-into $IMPORT_SOCK is not a socket"
@@ -445,9 +448,11 @@ build_pause() {
 
 # --- audit ---------------------------------------------------------------------------------------
 
-PIP_AUDIT=""
-ensure_pip_audit() {
-    [[ -n "$PIP_AUDIT" ]] && return 0
+# scripts/audit_requirements.py runs in a virtualenv of its own holding pip-audit, whose
+# dependencies (requests, packaging) are all the script needs: the build does not need `make venv`.
+AUDIT_PYTHON=""
+ensure_audit_python() {
+    [[ -n "$AUDIT_PYTHON" ]] && return 0
     local version
     # One pin for the project: requirements/dev.txt's, when it has one.
     version="$(sed -n 's/^pip-audit==\([^ #;]*\).*/\1/p' "$REPO_ROOT/requirements/dev.txt" 2>/dev/null | head -n 1)"
@@ -461,23 +466,38 @@ ensure_pip_audit() {
             die "could not install pip-audit $version into $venv"
         touch "$venv/.ready"
     fi
-    PIP_AUDIT="$venv/bin/pip-audit"
+    AUDIT_PYTHON="$venv/bin/python"
 }
 
 AUDIT_PROBLEMS=0
+AUDIT_UNAUDITABLE=0
 # Lists what is installed without pip, so an image that drops pip can still be audited.
 LIST_DISTRIBUTIONS='import importlib.metadata as m
 print("\n".join(sorted({d.metadata["Name"] + "==" + d.version for d in m.distributions()})))'
 
-# Audits the Python packages installed in an image. The report is kept per tag for AUDIT_TTL
-# seconds: advisories appear after an image is built, so an old report is redone, not trusted.
+# A kept report is reused while it is younger than AUDIT_TTL (advisories appear after an image is
+# built, so an old one is redone, not trusted) and than the audit's code and ignore file.
+audit_report_is_fresh() {
+    local report="$1" input
+    [[ -s "$report" ]] || return 1
+    (($(date +%s) - $(stat -c %Y "$report") <= AUDIT_TTL)) || return 1
+    for input in "$REPO_ROOT/scripts/audit_requirements.py" "$REPO_ROOT/requirements/audit-ignore.conf"; do
+        [[ ! -e "$input" || "$report" -nt "$input" ]] || return 1
+    done
+}
+
+# audit_image NAME REF [AUDIT ARGS...]: audits the Python packages installed in an image with
+# scripts/audit_requirements.py --freeze, as the requirement sets are audited (the same advisory
+# sources, cache, ignore file and verdict); AUDIT ARGS name its direct requirements. The report is
+# kept per tag, so a warm run only reads it.
 audit_image() {
     local name="$1" ref="$2"
+    shift 2
+    local dir="$CACHE_DIR/image-audits"
     local slug="${name//_/-}-${ref##*:}"
-    local report="$CACHE_DIR/image-audits/$slug.json"
-    local frozen="$CACHE_DIR/image-audits/$slug.requirements.txt"
-    if [[ ! -s "$report" ]] || (($(date +%s) - $(stat -c %Y "$report") > AUDIT_TTL)); then
-        ensure_pip_audit
+    local report="$dir/$slug.json" frozen="$dir/$slug.requirements.txt"
+    if ! audit_report_is_fresh "$report"; then
+        ensure_audit_python
         if [[ ! -s "$frozen" ]]; then
             if ! timeout 300 docker run --rm --network none --read-only --tmpfs /tmp --cap-drop ALL \
                 --entrypoint /opt/venv/bin/python "$ref" -c "$LIST_DISTRIBUTIONS" >"$frozen.tmp" 9>&-; then
@@ -487,64 +507,54 @@ audit_image() {
             fi
             mv "$frozen.tmp" "$frozen"
         fi
-        local started=$SECONDS status=0 ignored=()
-        # The project's acknowledged advisories (requirements/audit-ignore.conf), as for the sets.
-        if [[ -f "$REPO_ROOT/requirements/audit-ignore.conf" ]]; then
-            local id
-            while read -r id; do
-                ignored+=(--ignore-vuln "$id")
-            done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' -e '/^[[:space:]]*unaudited:/d' \
-                "$REPO_ROOT/requirements/audit-ignore.conf" | awk '{print $1}')
-        fi
-        # --no-deps --disable-pip: the list is the complete, pinned set, so nothing is resolved.
-        timeout 900 "$PIP_AUDIT" --requirement "$frozen" --no-deps --disable-pip "${ignored[@]}" \
-            --vulnerability-service pypi --format json --progress-spinner off --timeout 15 \
-            --cache-dir "$CACHE_DIR/pip-audit-cache" --output "$report.tmp" \
-            2>"$CACHE_DIR/image-audits/$slug.log" 9>&- || status=$?
-        # pip-audit exits 1 when it finds vulnerabilities; only a missing report means it failed.
-        if ! "$PYTHON" -c 'import json,sys; json.load(open(sys.argv[1]))' "$report.tmp" 2>/dev/null; then
-            rm -f "$report.tmp"
+        local started=$SECONDS status=0
+        rm -f "$report"
+        # Exit 1 is a failed verdict, which the report records; only 2 (or none) means no audit.
+        timeout 900 "$AUDIT_PYTHON" "$REPO_ROOT/scripts/audit_requirements.py" --freeze "$frozen" \
+            --label "$name" "$@" --report "$report" >"$dir/$slug.txt" 2>"$dir/$slug.log" 9>&- || status=$?
+        if ((status > 1)) || [[ ! -s "$report" ]]; then
             AUDIT_PROBLEMS=$((AUDIT_PROBLEMS + 1))
-            tail -n 5 "$CACHE_DIR/image-audits/$slug.log" >&2 || true
-            log "AUDIT $name $ref: pip-audit failed (exit $status), no report; see $CACHE_DIR/image-audits/$slug.log"
+            tail -n 5 "$dir/$slug.log" >&2 || true
+            log "AUDIT $name $ref: the audit failed (exit $status), no report; see $dir/$slug.log"
             return 0
         fi
-        mv "$report.tmp" "$report"
-        log "audit $name: pip-audit took $((SECONDS - started))s"
+        log "audit $name: took $((SECONDS - started))s"
     fi
-    local counts
-    counts="$("$PYTHON" - "$name" "$ref" "$report" <<'PY'
+    local counts failed unauditable transient
+    counts="$("$PYTHON" - "$name" "$ref" "$report" "$STRICT_AUDIT" <<'PY'
 import json
 import sys
 
-name, ref, path = sys.argv[1:4]
+name, ref, path, strict = sys.argv[1:5]
 with open(path) as f:
     report = json.load(f)
-deps = report.get("dependencies", [])
-vulnerable = [d for d in deps if d.get("vulns")]
-skipped = [d for d in deps if "skip_reason" in d]
-ids = sum(len(d["vulns"]) for d in vulnerable)
-line = (
-    f"build-images: audit {name} {ref}: {len(deps)} packages, {len(vulnerable)} vulnerable ({ids} advisories), "
-    f"{len(skipped)} not audited; report {path}"
+packages = report["packages"]
+print(
+    f"build-images: audit {name} {ref}: {len(packages)} packages, {report['audited']} audited, "
+    f"{report['not_auditable']} not auditable, {report['vulnerabilities']} known vulnerabilities; "
+    f"report {path[: -len('.json')]}.txt",
+    file=sys.stderr,
 )
-print(line, file=sys.stderr)
-for dep in vulnerable:
-    advisories = ", ".join(
-        f"{v['id']} (fixed in {', '.join(v.get('fix_versions') or ['nothing yet'])})" for v in dep["vulns"]
-    )
-    print(f"  VULNERABLE {name}: {dep['name']} {dep.get('version', '?')}: {advisories}", file=sys.stderr)
-# One line per reason: a service that answers nothing would otherwise print one line per package.
-reasons: dict[str, list[str]] = {}
-for dep in skipped:
-    reason, _, which = dep["skip_reason"].partition(": ")
-    reasons.setdefault(reason, []).append(which or dep["name"])
-for reason, names in reasons.items():
-    print(f"  NOT AUDITED {name}, {len(names)} packages ({reason}): {', '.join(names)}", file=sys.stderr)
-print(len(vulnerable) + len(skipped))
+for package in packages:
+    for vuln in package["vulnerabilities"]:
+        state = "ignored (audit-ignore.conf)" if vuln["ignored"] else "VULNERABLE"
+        fix = ", ".join(vuln["fix_versions"]) or "nothing yet"
+        print(f"  {state} {name}: {package['name']} {package['version']}: {vuln['id']} (fixed in {fix})",
+              file=sys.stderr)
+unaudited = [f"{p['name']}=={p['version']}" for p in packages if not p["audited_by"]]
+if unaudited:
+    print(f"  not auditable in {name} (the report says why): {', '.join(unaudited)}", file=sys.stderr)
+failures = report["strict_failures" if strict == "1" else "failures"]
+for failure in failures:
+    print(f"  AUDIT {name}: {failure}", file=sys.stderr)
+print(len(failures), len(unaudited), report["transient"])
 PY
 )" || die "could not read the audit report $report"
-    AUDIT_PROBLEMS=$((AUDIT_PROBLEMS + counts))
+    read -r failed unauditable transient <<<"$counts"
+    AUDIT_PROBLEMS=$((AUDIT_PROBLEMS + failed))
+    AUDIT_UNAUDITABLE=$((AUDIT_UNAUDITABLE + unauditable))
+    # PyPI did not answer for some packages: the next run asks again rather than keep this for a day.
+    ((transient == 0)) || touch -d @0 "$report"
 }
 
 # --- containerd import ---------------------------------------------------------------------------
@@ -600,11 +610,15 @@ done
 docker tag "${REFS[mlflow]}" "mnist-mlops/mlflow:$MLFLOW_VERSION"
 docker tag "${REFS[mlflow_previous]}" "mnist-mlops/mlflow:$MLFLOW_PREVIOUS_VERSION"
 
-for name in training serving operator mlflow mlflow_previous; do
-    audit_image "$name" "${REFS[$name]}"
+for name in training serving operator; do
+    audit_image "$name" "${REFS[$name]}" --requirement "$REPO_ROOT/requirements/$name.txt"
 done
+for name in mlflow mlflow_previous; do
+    audit_image "$name" "${REFS[$name]}" --requirement "$REPO_ROOT/requirements/mlflow-server.txt" --direct mlflow
+done
+((AUDIT_UNAUDITABLE == 0)) || log "audit: $AUDIT_UNAUDITABLE packages across the images could not be audited"
 if ((AUDIT_PROBLEMS > 0)); then
-    log "AUDIT: $AUDIT_PROBLEMS vulnerable or unaudited packages across the images (see above)"
+    log "AUDIT: $AUDIT_PROBLEMS problems across the images (see above)"
     if ((STRICT_AUDIT)); then
         log "error: --strict-audit: failing"
         exit 3

@@ -9,6 +9,7 @@ The audit asks PyPI (pip-audit, PyPI's JSON): it needs the package index, as `ma
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 import warnings
@@ -156,3 +157,60 @@ def test_verdict_ignores_listed_aliases_and_is_strict_only_on_request() -> None:
     assert ignored.failures(strict=False) == []
     assert ignored.failures(strict=True) == ["not auditable, a direct requirement: web==1.0: latest is 1.1"]
     assert "VULNERABLE" not in ignored.render() and "web==1.0 (direct)" in ignored.render()
+
+
+# --- an image's package list (--freeze, as scripts/build-images.sh runs it) ---------------------------
+
+
+def test_freeze_list_is_read_whole_and_direct_names_come_from_requirement_files(tmp_path: Path) -> None:
+    (tmp_path / "base.txt").write_text("Web[speed]==1.0 ; python_version >= '3'\n")
+    (tmp_path / "image.txt").write_text("-r base.txt\nother==2.0\n")
+    frozen = tmp_path / "frozen.txt"
+    frozen.write_text("# what the image holds\nweb==1.0\ncore==2.0\nOther==2.0\npip==26.3\n")
+    direct = audit.direct_names([tmp_path / "image.txt"], ["PIP"])
+    resolution = audit.read_freeze(frozen, "image", direct)
+    assert resolution.set_name == "image"
+    assert [(str(pin), pin.direct) for pin in resolution.pins] == [
+        ("core==2.0", False),
+        ("Other==2.0", True),
+        ("pip==26.3", True),
+        ("web==1.0", True),
+    ]
+
+
+def test_freeze_list_refuses_what_is_not_one_exact_pin_a_package(tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen.txt"
+    frozen.write_text("web>=1.0\nweb==1.0\nWeb==1.1\n")
+    with pytest.raises(
+        audit.AuditError, match=r"(?s)frozen\.txt:1: want.*frozen\.txt:3: Web is listed at 1\.0"
+    ):
+        audit.read_freeze(frozen, "image", [])
+    frozen.write_text("# nothing\n")
+    with pytest.raises(audit.AuditError, match="lists no package"):
+        audit.read_freeze(frozen, "image", [])
+
+
+def test_freeze_mode_reports_both_verdicts_as_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept report must answer a later --strict-audit run without auditing again."""
+    vuln = audit.Vulnerability("core", "2.0", "PYSEC-1", ("CVE-1",), ("2.1",), "bad")
+    found = {
+        ("web", "1.0"): audit.PinAudit(None, "latest is 1.1"),
+        ("core", "2.0"): audit.PinAudit("pip-audit", "", (vuln,)),
+    }
+    monkeypatch.setattr(audit, "audit_pins", lambda pins, *_: {k: found[k] for k in found})
+    monkeypatch.setattr(
+        audit, "read_ignore_file", lambda: audit.IgnoreList(frozenset({"CVE-1"}), frozenset())
+    )
+    frozen = tmp_path / "img.txt"
+    frozen.write_text("web==1.0\ncore==2.0\n")
+    report = tmp_path / "report.json"
+    assert audit.main(["--freeze", str(frozen), "--direct", "web", "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert data["label"] == "img"
+    assert (data["audited"], data["not_auditable"], data["vulnerabilities"]) == (1, 1, 1)
+    assert data["failures"] == []
+    assert data["strict_failures"] == ["not auditable, a direct requirement: web==1.0: latest is 1.1"]
+    core = next(package for package in data["packages"] if package["name"] == "core")
+    assert core["vulnerabilities"][0]["id"] == "PYSEC-1" and core["vulnerabilities"][0]["ignored"]
+    assert audit.main(["--freeze", str(frozen), "--direct", "web", "--strict"]) == 1
+    assert audit.main(["--freeze", str(tmp_path / "missing.txt")]) == 2
