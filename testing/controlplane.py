@@ -91,6 +91,18 @@ def wait_for(
         time.sleep(interval)
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
+    """Polls `predicate` until it returns something truthy (returned) or raises TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
 def locate_binaries(timeout: float = BUILD_TIMEOUT_SECONDS) -> Path:
     """The directory holding etcd, kube-apiserver, kube-controller-manager and helm."""
     override = os.environ.get(BIN_ENV_VAR)

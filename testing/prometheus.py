@@ -23,12 +23,12 @@ import yaml
 START_TIMEOUT_SECONDS = 60.0
 
 
-def _label_name(label: str) -> str:
+def label_name(label: str) -> str:
     """Kubernetes service discovery's spelling of a label name inside __meta_ labels."""
     return re.sub(r"[^a-zA-Z0-9_]", "_", label)
 
 
-def _relabel(rule: dict[str, Any]) -> dict[str, Any]:
+def relabel_config(rule: dict[str, Any]) -> dict[str, Any]:
     """A ServiceMonitor RelabelConfig (camelCase) as Prometheus' relabel_config (snake_case)."""
     keys = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
     converted = {keys.get(key, key): value for key, value in rule.items()}
@@ -50,8 +50,8 @@ def scrape_job(
         *(
             {
                 "source_labels": [
-                    f"__meta_kubernetes_service_label_{_label_name(key)}",
-                    f"__meta_kubernetes_service_labelpresent_{_label_name(key)}",
+                    f"__meta_kubernetes_service_label_{label_name(key)}",
+                    f"__meta_kubernetes_service_labelpresent_{label_name(key)}",
                 ],
                 "regex": f"({value});true",
                 "action": "keep",
@@ -76,7 +76,7 @@ def scrape_job(
         {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)", "action": "drop"},
         {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"},
         {"target_label": "endpoint", "replacement": port},
-        *(_relabel(rule) for rule in endpoint.get("relabelings", [])),
+        *(relabel_config(rule) for rule in endpoint.get("relabelings", [])),
     ]
     return {
         "job_name": f"serviceMonitor/{namespace}/{monitor['metadata']['name']}/{index}",
@@ -89,7 +89,7 @@ def scrape_job(
             {"role": "endpoints", "kubeconfig_file": str(kubeconfig), "namespaces": {"names": [namespace]}}
         ],
         "relabel_configs": relabelings,
-        "metric_relabel_configs": [_relabel(rule) for rule in endpoint.get("metricRelabelings", [])],
+        "metric_relabel_configs": [relabel_config(rule) for rule in endpoint.get("metricRelabelings", [])],
     }
 
 

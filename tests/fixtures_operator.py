@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
-from testing.controlplane import ControlPlane
-from tests.fake_kubelet import FakeKubelet, wait_until
+from testing.controlplane import ControlPlane, wait_until
+from tests.fake_kubelet import FakeKubelet
 from training_job.mlflow_server import MlflowServer, free_port, start_mlflow_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from testing.controlplane import wait_until
 from testing.node import NodeCluster
 from testing.prometheus import Prometheus, scrape_job
 from testing.upstream import prometheus_operator_crds
@@ -49,18 +50,6 @@ TRAINING_TIMEOUT_SECONDS = 900.0
 def _repository_and_tag(ref: str) -> tuple[str, str]:
     repository, _, tag = ref.rpartition(":")
     return repository, tag
-
-
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 1.0) -> Any:
-    """Polls until `predicate` returns something truthy and returns it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 @dataclass
@@ -340,7 +329,7 @@ def test_prometheus_discovers_serving_pods_through_the_api(
             up = prometheus.query(f'up{{namespace="{NAMESPACE}", job="{RELEASE}-serving"}}')
             return {s["metric"]["pod"] for s in up if s["value"][1] == "1"} >= serving_pods
 
-        wait_until(every_pod_up, 60, f"Prometheus to scrape {serving_pods}")
+        wait_until(every_pod_up, 60, f"Prometheus to scrape {serving_pods}", interval=1)
         total = f'sum(mnist_predictions_total{{namespace="{NAMESPACE}"}})'
         before = float(prometheus.query(total)[0]["value"][1])
         url = platform.service_url("serving")
@@ -351,7 +340,7 @@ def test_prometheus_discovers_serving_pods_through_the_api(
             samples = prometheus.query(total)
             return bool(samples) and float(samples[0]["value"][1]) - before >= 20
 
-        wait_until(risen_by_all_twenty, 30, "mnist_predictions_total to rise by the 20 predictions")
+        wait_until(risen_by_all_twenty, 30, "mnist_predictions_total to rise by the 20 predictions", 1)
         labelled = prometheus.query(f'mnist_model_ready{{namespace="{NAMESPACE}"}}')
         champion = platform.champion_version()
         assert labelled and all(s["metric"].get("model_version") == champion for s in labelled), labelled
@@ -476,6 +465,7 @@ def test_fault_mlflow_pod_killed_while_a_job_trains(
         lambda: platform.trainingrun(name).get("status", {}).get("mlflowRunId"),
         TRAINING_TIMEOUT_SECONDS,
         "the training pod to start its MLflow run",
+        interval=1,
     )
     killed = platform.get("pods", "-l", "app.kubernetes.io/component=mlflow")["items"][0]["metadata"]["name"]
     platform.kubectl("delete", "pod", killed, "--grace-period=0", "--force")
@@ -553,7 +543,7 @@ def test_fault_operator_killed_between_promotion_and_rollout(
         result = platform.try_kubectl("patch", "deployment", deployment, "--dry-run=server", "-p", probe)
         return result.returncode != 0 and "holds the serving pod template" in result.stderr
 
-    wait_until(policy_active, 30, "the admission policy to take effect")
+    wait_until(policy_active, 30, "the admission policy to take effect", interval=1)
     name = "fault-operator"
     released = False
     try:
@@ -568,7 +558,10 @@ def test_fault_operator_killed_between_promotion_and_rollout(
         # and the held template makes the rollout step fail: the registry is where the promotion
         # shows first.
         version = wait_until(
-            lambda: platform.champion_if_from_run(run_id), 600, f"run {run_id}'s version to become champion"
+            lambda: platform.champion_if_from_run(run_id),
+            600,
+            f"run {run_id}'s version to become champion",
+            1,
         )
         # Promoted in the registry, yet serving still runs the previous version: the window.
         template = platform.get("deployment", deployment)["spec"]["template"]

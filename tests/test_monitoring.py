@@ -27,6 +27,7 @@ import yaml
 
 from serving.metrics import EXPORTED_METRICS
 from testing.controlplane import wait_for
+from testing.prometheus import label_name, relabel_config
 from tests.fixtures_chart import CHART_DIR, NAMESPACE, RELEASE, Helm, Rendered
 from tests.fixtures_serving import ServingProcess
 from training_job.mlflow_server import free_port
@@ -330,19 +331,6 @@ def test_dashboard_reads_only_exported_metrics(dashboard: dict[str, Any]) -> Non
 # --- a real Prometheus scraping a running serving process --------------------------------------
 
 
-def _prometheus_label_name(label: str) -> str:
-    """Kubernetes service discovery's spelling of a label or annotation name in __meta_ labels."""
-    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
-
-
-def _relabel(rule: dict[str, Any]) -> dict[str, Any]:
-    """A ServiceMonitor RelabelConfig (camelCase) as Prometheus' relabel_config (snake_case)."""
-    keys = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
-    converted = {keys.get(key, key): value for key, value in rule.items()}
-    converted["action"] = str(converted.get("action", "replace")).lower()
-    return converted
-
-
 def scrape_config(rendered: Rendered, target: str, model_version: str) -> dict[str, Any]:
     """The scrape job prometheus-operator would generate from the chart's ServiceMonitor.
 
@@ -366,7 +354,7 @@ def scrape_config(rendered: Rendered, target: str, model_version: str) -> dict[s
         "__meta_kubernetes_pod_annotation_mnist_mlops_io_model_version": model_version,
     }
     for label, value in template["metadata"]["labels"].items():
-        discovered[f"__meta_kubernetes_pod_label_{_prometheus_label_name(label)}"] = value
+        discovered[f"__meta_kubernetes_pod_label_{label_name(label)}"] = value
     operator_relabelings: list[dict[str, Any]] = [
         {
             "source_labels": ["__meta_kubernetes_endpoint_port_name"],
@@ -386,8 +374,9 @@ def scrape_config(rendered: Rendered, target: str, model_version: str) -> dict[s
         "scrape_timeout": "1s",
         "metrics_path": endpoint["path"],
         "static_configs": [{"targets": [target], "labels": discovered}],
-        "relabel_configs": operator_relabelings + [_relabel(r) for r in endpoint.get("relabelings", [])],
-        "metric_relabel_configs": [_relabel(r) for r in endpoint.get("metricRelabelings", [])],
+        "relabel_configs": operator_relabelings
+        + [relabel_config(r) for r in endpoint.get("relabelings", [])],
+        "metric_relabel_configs": [relabel_config(r) for r in endpoint.get("metricRelabelings", [])],
     }
 
 

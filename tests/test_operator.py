@@ -22,8 +22,8 @@ import yaml
 
 from mnist_operator import tracking
 from mnist_operator.builders import job_name, model_uri_of
-from testing.controlplane import ControlPlane
-from tests.fake_kubelet import FakeKubelet, wait_until
+from testing.controlplane import ControlPlane, wait_until
+from tests.fake_kubelet import FakeKubelet
 from tests.fixtures_operator import (
     OPERATOR_NAMESPACE,
     REPO_ROOT,
