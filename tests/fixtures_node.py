@@ -9,7 +9,9 @@ import pytest
 from testing.node import NodeCluster
 
 
-@pytest.fixture(scope="session")
+# Module scope: only the end-to-end tier uses it, and a node left running (kubelet, etcd, CoreDNS,
+# metrics-server) would slow every test after it on two cores.
+@pytest.fixture(scope="module")
 def node_cluster() -> Iterator[NodeCluster]:
     cluster = NodeCluster.start()
     print(f"\nnode cluster up in {cluster.startup_seconds:.1f}s")

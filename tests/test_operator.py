@@ -571,8 +571,9 @@ def test_operator_crashes_at_the_worst_moments_and_the_standby_finishes_without_
     kubectl_ok(control_plane, "apply", "-f", "-", manifest=trainingrun(name, namespace, quick_spec(model)))
 
     assert first.process is not None and first.process.wait(120) == 86
-    third = operators.start([namespace], identity="operator-c")
     wait_until(second.is_leading, 60, "operator-b to take the Lease over")
+    # Started only now: had C raced B for A's expired Lease, C could win it and B never crash.
+    third = operators.start([namespace], identity="operator-c")
     assert second.process is not None and second.process.wait(TRAINING_TIMEOUT) == 86, second.log_tail()
     document = wait_for_trainingrun(
         control_plane,
