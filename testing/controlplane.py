@@ -59,15 +59,30 @@ class ControlPlaneError(RuntimeError):
     """Start-up or operation of the control plane failed; the message carries the log tail."""
 
 
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free loopback ports (all held open together, so none repeats)."""
+def free_ports(count: int, address: str = LOOPBACK) -> list[int]:
+    """`count` distinct free ports on `address` (all held open together, so none repeats)."""
     with contextlib.ExitStack() as stack:
         ports = []
         for _ in range(count):
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((LOOPBACK, 0))
+            sock.bind((address, 0))
             ports.append(int(sock.getsockname()[1]))
         return ports
+
+
+def https_healthz(port: int, address: str = LOOPBACK) -> bool:
+    """Whether a component's /healthz answers 200. Components serve it with a certificate they
+    signed themselves on start; /healthz is public and holds no secret, so it is not verified."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(
+            f"https://{address}:{port}/healthz", context=context, timeout=HTTP_TIMEOUT_SECONDS
+        ) as resp:
+            return int(resp.status) == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -646,18 +661,7 @@ class ControlPlane:
             return False
 
     def _kcm_healthy(self) -> bool:
-        # Its serving certificate is self-signed by the controller-manager itself; /healthz is
-        # public and carries no secrets, so skipping verification on loopback is harmless.
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        try:
-            with urllib.request.urlopen(
-                f"https://{LOOPBACK}:{self.kcm_port}/healthz", context=context, timeout=HTTP_TIMEOUT_SECONDS
-            ) as resp:
-                return int(resp.status) == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return https_healthz(self.kcm_port)
 
     def _etcd_args(self) -> list[str]:
         client = f"http://{LOOPBACK}:{self.etcd_port}"

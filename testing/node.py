@@ -29,11 +29,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,8 +41,9 @@ from testing.controlplane import (
     ControlPlane,
     ControlPlaneError,
     _Process,
-    _tail,
     _write_private,
+    free_ports,
+    https_healthz,
     issue_certificate,
     kubeconfig_document,
     locate_binaries,
@@ -85,12 +85,6 @@ def _run(args: list[str], timeout: float = 60.0, check: bool = True, **kwargs: A
     if check and proc.returncode != 0:
         raise NodeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
     return str(proc.stdout)
-
-
-def _free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
 
 
 def _http_ok(url: str) -> bool:
@@ -152,7 +146,6 @@ class NodeCluster:
     metrics_server_port: int = 0
     startup_seconds: float = 0.0
     _kubelet: _Process | None = None
-    _host_state: list[Callable[[], None]] = field(default_factory=list)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -202,9 +195,6 @@ class NodeCluster:
             # kube-proxy leaves its chains behind on purpose (a restart reuses them); a harness
             # that goes away must not.
             _run([str(proxy), "--cleanup"], check=False)
-            for undo in reversed(self._host_state):
-                with contextlib.suppress(NodeError, OSError, subprocess.SubprocessError):
-                    undo()
             _teardown_host_network()
         finally:
             _release_machine_lock(self.lock_handle)
@@ -301,7 +291,7 @@ class NodeCluster:
 
     def _issue_identities(self) -> dict[str, Path]:
         """A kubeconfig per component, each with the identity the default RBAC policy expects."""
-        pki_dir = self.plane.pki.ca_cert.parent if self.plane.pki else self.plane.root / "pki"
+        pki_dir = self.plane.ca_cert_path.parent
         subjects = {
             "kubelet": f"/O=system:nodes/CN=system:node:{NODE_NAME}",
             "kube-proxy": "/CN=system:kube-proxy",
@@ -368,7 +358,7 @@ class NodeCluster:
         }
 
     def _start_scheduler(self, kubeconfig: Path, deadline: float) -> None:
-        port = _free_port("127.0.0.1")
+        port = free_ports(1)[0]
         proc = self.plane._spawn(
             "kube-scheduler",
             [
@@ -381,10 +371,10 @@ class NodeCluster:
                 "--v=1",
             ],
         )
-        self.plane._wait(proc, lambda: _https_healthz(port), deadline, "kube-scheduler /healthz")
+        self.plane._wait(proc, lambda: https_healthz(port), deadline, "kube-scheduler /healthz")
 
     def _start_proxy(self, kubeconfig: Path, deadline: float) -> None:
-        healthz, metrics = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+        healthz, metrics = free_ports(2)
         config = self.root / "kube-proxy.yaml"
         config.write_text(
             json.dumps(
@@ -411,7 +401,7 @@ class NodeCluster:
         )
 
     def _start_dns(self, deadline: float) -> None:
-        health, ready = _free_port("127.0.0.1"), _free_port("127.0.0.1")
+        health, ready = free_ports(2)
         corefile = self.root / "Corefile"
         # No `forward`: nothing outside the cluster is resolvable from here, and an unanswerable
         # upstream would only turn every miss into a timeout instead of NXDOMAIN.
@@ -440,8 +430,8 @@ class NodeCluster:
         )
 
     def _start_kubelet(self, kubeconfig: Path, deadline: float) -> None:
-        self.kubelet_port = _free_port(NODE_IP)
-        healthz = _free_port("127.0.0.1")
+        self.kubelet_port = free_ports(1, NODE_IP)[0]
+        healthz = free_ports(1)[0]
         kubelet_root = self.root / "kubelet"
         kubelet_root.mkdir(parents=True, exist_ok=True)
         config = self.root / "kubelet.yaml"
@@ -509,7 +499,7 @@ class NodeCluster:
         return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
     def _start_metrics_server(self, deadline: float) -> None:
-        self.metrics_server_port = _free_port(NODE_IP)
+        self.metrics_server_port = free_ports(1, NODE_IP)[0]
         kubeconfig = self.plane.kubeconfig_path
         proc = self.plane._spawn(
             "metrics-server",
@@ -530,7 +520,7 @@ class NodeCluster:
         )
         self.plane._wait(
             proc,
-            lambda: _https_healthz(self.metrics_server_port, NODE_IP),
+            lambda: https_healthz(self.metrics_server_port, NODE_IP),
             deadline,
             "metrics-server /healthz",
         )
@@ -580,22 +570,6 @@ def _normalise(ref: str) -> str:
     name = ref if "/" in ref.split(":", maxsplit=1)[0] else f"library/{ref}"
     first = name.split("/")[0]
     return name if "." in first or ":" in first or first == "localhost" else f"docker.io/{name}"
-
-
-def _https_healthz(port: int, address: str = "127.0.0.1") -> bool:
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    # Self-signed serving certificates made by the components themselves; /healthz holds no secret.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(f"https://{address}:{port}/healthz", context=context, timeout=3) as resp:
-            return int(resp.status) == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _host_service(
@@ -754,16 +728,3 @@ def _release_machine_lock(handle: IO[str]) -> None:
     with contextlib.suppress(OSError):
         fcntl.flock(handle, fcntl.LOCK_UN)
     handle.close()
-
-
-@contextlib.contextmanager
-def running_node() -> Iterator[NodeCluster]:
-    cluster = NodeCluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def log_tail(cluster: NodeCluster, component: str) -> str:
-    return _tail(cluster.plane.component_log(component))

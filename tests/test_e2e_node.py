@@ -55,7 +55,6 @@ def _repository_and_tag(ref: str) -> tuple[str, str]:
 @dataclass
 class Platform:
     cluster: NodeCluster
-    helm_home: Path
 
     def kubectl(self, *args: str, timeout: float = 120.0, input_text: str | None = None) -> str:
         return self.cluster.kubectl("-n", NAMESPACE, *args, timeout=timeout, input_text=input_text)
@@ -73,18 +72,12 @@ class Platform:
     def helm(
         self, *args: str, timeout: float = 600.0, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        env = self.cluster.env()
-        env.update(
-            HELM_CACHE_HOME=str(self.helm_home / "cache"),
-            HELM_CONFIG_HOME=str(self.helm_home / "config"),
-            HELM_DATA_HOME=str(self.helm_home / "data"),
-        )
         proc = subprocess.run(
             [str(self.cluster.plane.helm_path), *args, "--namespace", NAMESPACE],
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=env,
+            env=self.cluster.env(),
             check=False,
         )
         if check and proc.returncode != 0:
@@ -117,6 +110,12 @@ class Platform:
         )
         assert response.status_code == 200, response.text
         return str(response.json()["model_version"]["version"])
+
+    def serving_model_uri(self) -> str:
+        """The model URI the serving Deployment's pod template names."""
+        template = self.get("deployment", f"{RELEASE}-serving")["spec"]["template"]
+        env = {item["name"]: item.get("value") for item in template["spec"]["containers"][0].get("env", [])}
+        return str(env["SERVING_MODEL_URI"])
 
     def champion_if_from_run(self, run_id: str) -> str | None:
         """The champion's version if the MLflow run `run_id` registered it, else None."""
@@ -193,7 +192,7 @@ def platform(node_cluster: NodeCluster, tmp_path_factory: pytest.TempPathFactory
     cluster.local_volume("mlflow-e2e", "2Gi", STORAGE_CLASS)
     values = home / "values.yaml"
     values.write_text(yaml.safe_dump(helm_values(cluster.images, cluster.images["mlflow_previous"])))
-    found = Platform(cluster=cluster, helm_home=home)
+    found = Platform(cluster=cluster)
     found.helm("install", RELEASE, str(CHART), "-f", str(values))
     try:
         yield found
@@ -298,11 +297,8 @@ def test_serving_pods_serve_the_pinned_champion(
         platform.rollout_status(deployment_name, timeout=300)
     except Exception as exc:
         raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
-    deployment = platform.get("deployment", deployment_name)
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    env = {item["name"]: item.get("value") for item in container.get("env", [])}
     # The pod template names the exact version, so the rollout history is the model's history.
-    assert env["SERVING_MODEL_URI"] == f"models:/{MODEL}/{champion}"
+    assert platform.serving_model_uri() == f"models:/{MODEL}/{champion}"
     url = platform.service_url("serving")
     answers = set()
     for _ in range(10):
@@ -564,9 +560,7 @@ def test_fault_operator_killed_between_promotion_and_rollout(
             1,
         )
         # Promoted in the registry, yet serving still runs the previous version: the window.
-        template = platform.get("deployment", deployment)["spec"]["template"]
-        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
-        assert env["SERVING_MODEL_URI"] != f"models:/{MODEL}/{version}"
+        assert platform.serving_model_uri() != f"models:/{MODEL}/{version}"
         operator_pod = platform.get("pods", "-l", "app.kubernetes.io/component=operator")["items"][0]
         platform.kubectl("delete", "pod", operator_pod["metadata"]["name"], "--grace-period=0", "--force")
         platform.cluster.kubectl(
@@ -576,9 +570,7 @@ def test_fault_operator_killed_between_promotion_and_rollout(
         run = _final(platform, name, timeout=300)
         assert run["status"]["phase"] == "Promoted", run["status"]
         platform.rollout_status(deployment, timeout=300)
-        template = platform.get("deployment", deployment)["spec"]["template"]
-        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
-        assert env["SERVING_MODEL_URI"] == f"models:/{MODEL}/{version}"
+        assert platform.serving_model_uri() == f"models:/{MODEL}/{version}"
         response = httpx.post(f"{platform.service_url('serving')}/predict", json=SAMPLE_DIGIT, timeout=10)
         assert response.headers["X-Model-Version"] == version
     finally:
