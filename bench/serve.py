@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,8 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
-from training_job.mlflow_server import free_port
+from bench.report import write_results
+from local_mode.processes import ChildProcess, free_port, http_ok
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "serve.json"
@@ -96,58 +96,34 @@ def naive_app() -> Any:
 
 @dataclass
 class Server:
-    name: str
-    process: subprocess.Popen[bytes]
+    child: ChildProcess
     url: str
-    log_path: Path
-    started: float
+
+    @property
+    def name(self) -> str:
+        return self.child.name
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
+        self.child.stop(30)
 
     def wait(self, path: str, timeout: float) -> float:
-        """Seconds from process start until `path` answers 200."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=2) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    tail = self.log_path.read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{tail}")
-                try:
-                    if client.get(self.url + path).status_code == 200:
-                        return time.monotonic() - self.started
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.02)
-        raise TimeoutError(f"{self.name} not ready within {timeout:.0f}s")
+        """Seconds from process start until `path` answers 200 (polled every 20 ms: this is a start-up
+        time measurement, so the poll interval bounds its resolution)."""
+        self.child.wait_ready(lambda: http_ok(self.url + path), timeout, f"{path} answered", interval=0.02)
+        return time.monotonic() - self.child.started
 
 
 def launch(name: str, command: list[str], env: dict[str, str], port: int, workdir: Path) -> Server:
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        started = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={
-                **os.environ,
-                # `mlflow models serve` execs `uvicorn` by name: it must find the virtualenv's.
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                "PYTHONPATH": str(REPO_ROOT),
-                "TF_CPP_MIN_LOG_LEVEL": "2",
-                **env,
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Server(name, process, f"http://127.0.0.1:{port}", log_path, started)
+    environment = {
+        **os.environ,
+        # `mlflow models serve` execs `uvicorn` by name: it must find the virtualenv's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO_ROOT),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        **env,
+    }
+    child = ChildProcess.spawn(name, command, workdir / f"{name}.log", env=environment, cwd=REPO_ROOT)
+    return Server(child, f"http://127.0.0.1:{port}")
 
 
 @contextmanager
@@ -359,7 +335,7 @@ def bench_serving(tracking_uri: str, name: str, version: str, workdir: Path, loa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from training_job.mlflow_server import start_mlflow_server
+    from local_mode.mlflow_server import start_mlflow_server
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is required: apt-get install wrk (scripts/install-system-deps.sh)")
@@ -478,11 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, bodies)")
     args = parser.parse_args(argv)
     results = run(args)
-    results["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     print_table(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {args.output}")
+    write_results(args.output, results)
     return 0
 
 

@@ -16,10 +16,13 @@
 # mlflow_previous, pause (e.g. serving=mnist-mlops/serving:<hash>,
 # mlflow_previous=mnist-mlops/mlflow:<version>-<hash>); everything else goes to stderr. Each <hash>
 # is the first 12 hex digits of a sha256 over the image's inputs (Dockerfile, the files it COPYs as
-# .dockerignore admits them, the base image id, build arguments that change its content), so an
-# unchanged image is never rebuilt and a changed one never reuses a stale tag. Each image but
-# mlflow_previous is also tagged :dev (kind, `make deploy`); the MLflow images also carry their
-# MLflow version as a tag. The pause image is a pod sandbox image (scripts/pause/pause.c).
+# .dockerignore admits them, the ids of the base images it builds FROM, build arguments that change
+# its content; scripts/dockerfile_inputs.py), so an unchanged image is never rebuilt and a changed one
+# never reuses a stale tag. The Python images build FROM two shared bases, mnist-mlops/python-builder
+# and mnist-mlops/python-runtime (images/python.Dockerfile), built first on a Debian base and cached
+# the same way; a changed base rebuilds them all. Each image but mlflow_previous is also tagged :dev
+# (kind, `make deploy`); the MLflow images also carry their MLflow version as a tag. The pause image
+# is a pod sandbox image (scripts/pause/pause.c).
 #
 # The Python packages in each image are listed and audited by scripts/audit_requirements.py --freeze,
 # as the requirement sets are (pip-audit, PyPI's latest-release advisories where this index has no
@@ -164,7 +167,8 @@ image_size_mb() { docker image inspect --format '{{.Size}}' "$1" | awk '{printf 
 # --- host settings passed into builds --------------------------------------------------------------
 
 # Proxies are predefined build arguments (every Dockerfile sees them, none stores them in the image);
-# pip's index settings go only to the Dockerfiles that declare them as ARGs in their build stage.
+# pip's index settings go only to the builds that declare them as ARGs: the app images' build stages,
+# through the builder base's ONBUILD ARGs (images/python.Dockerfile).
 PROXY_BUILD_ARGS=()
 declare -A PIP_BUILD_ARGS=()
 HOST_ARGS_COLLECTED=0
@@ -193,13 +197,15 @@ collect_host_build_args() {
     return 0
 }
 
-# The host's build arguments a Dockerfile can use: the proxies, and the pip settings it declares.
+# host_build_args_for DOCKERFILE...: the host's build arguments a build can use: the proxies, and the
+# pip settings that the given Dockerfiles (the image's, and the base's it builds FROM) declare as an ARG
+# or ONBUILD ARG.
 host_build_args_for() {
-    local dockerfile="$1" name
+    local name
     collect_host_build_args
     HOST_BUILD_ARGS=("${PROXY_BUILD_ARGS[@]}")
     for name in "${!PIP_BUILD_ARGS[@]}"; do
-        if grep -qE "^[[:space:]]*ARG[[:space:]]+$name([[:space:]=]|$)" "$dockerfile"; then
+        if grep -qE "^[[:space:]]*(ONBUILD[[:space:]]+)?ARG[[:space:]]+$name([[:space:]=]|$)" "$@"; then
             HOST_BUILD_ARGS+=(--build-arg "$name=${PIP_BUILD_ARGS[$name]}")
         fi
     done
@@ -207,115 +213,14 @@ host_build_args_for() {
 
 # --- content hashes ------------------------------------------------------------------------------
 
-# sha256 (12 hex) over a Dockerfile, every file its COPY instructions take from the build context
-# as .dockerignore admits them (path, executable bit, bytes), and the extra strings given.
+# content_hash DOCKERFILE [EXTRA...]: sha256 (12 hex) over the Dockerfile, every file its COPY
+# instructions take from the build context as .dockerignore admits them (path, executable bit, bytes),
+# and the extra strings given (scripts/dockerfile_inputs.py, which tests/test_images.py also uses).
 content_hash() {
-    "$PYTHON" - "$REPO_ROOT" "$@" <<'PY'
-import hashlib
-import json
-import os
-import re
-import shlex
-import sys
-from pathlib import Path
-
-root = Path(sys.argv[1])
-dockerfile = Path(sys.argv[2])
-extras = sys.argv[3:]
-
-
-def pattern_regex(pattern: str) -> re.Pattern[str]:
-    # Docker's patternmatcher: ** crosses directories, * and ? do not.
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        else:
-            out, i = out + {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i])), i + 1
-    return re.compile(f"^{out}$")
-
-
-rules = []
-ignore_file = root / ".dockerignore"
-if ignore_file.exists():
-    for raw in ignore_file.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = os.path.normpath(line.removeprefix("!").strip()).lstrip("/")
-        rules.append((negate, pattern_regex(pattern)))
-
-
-def in_context(relative: str) -> bool:
-    parts = relative.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    excluded = False
-    for negate, regex in rules:
-        if any(regex.match(prefix) for prefix in prefixes):
-            excluded = not negate
-    return not excluded
-
-
-def logical_lines(text: str):
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("#") or (not pending and not line):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        yield pending + line
-        pending = ""
-    if pending:
-        yield pending
-
-
-text = dockerfile.read_text()
-sources = []
-for line in logical_lines(text):
-    instruction, _, rest = line.partition(" ")
-    instruction = instruction.upper()
-    if instruction == "ADD":
-        sys.exit(f"{dockerfile}: ADD is not supported by the content hash; use COPY")
-    if instruction != "COPY":
-        continue
-    words = [w for w in shlex.split(rest) if not w.startswith("--")]
-    if any(w.startswith("--from") for w in shlex.split(rest)):
-        continue
-    for source in words[:-1]:
-        if "$" in source:
-            sys.exit(f"{dockerfile}: COPY source {source} uses a variable the content hash cannot expand")
-        sources.append(source)
-
-digest = hashlib.sha256()
-digest.update(b"dockerfile\0" + text.encode() + b"\0")
-files = set()
-for source in sources:
-    matches = sorted(root.glob(source)) if any(c in source for c in "*?[") else [root / source]
-    if not matches or not all(m.exists() for m in matches):
-        sys.exit(f"{dockerfile}: COPY source {source} does not exist")
-    for match in matches:
-        candidates = [p for p in match.rglob("*")] if match.is_dir() else [match]
-        for path in candidates:
-            if path.is_file() or path.is_symlink():
-                relative = path.relative_to(root).as_posix()
-                if in_context(relative):
-                    files.add(relative)
-for relative in sorted(files):
-    path = root / relative
-    if path.is_symlink():
-        body = b"symlink:" + os.readlink(path).encode()
-    else:
-        body = path.read_bytes()
-    executable = b"x" if os.access(path, os.X_OK) else b"-"
-    digest.update(relative.encode() + b"\0" + executable + hashlib.sha256(body).digest())
-digest.update(json.dumps(extras).encode())
-print(digest.hexdigest()[:12])
-PY
+    local dockerfile="$1"
+    shift
+    "$PYTHON" "$REPO_ROOT/scripts/dockerfile_inputs.py" hash --root "$REPO_ROOT" "$dockerfile" -- "$@" ||
+        die "could not hash the inputs of $dockerfile"
 }
 
 # --- builds --------------------------------------------------------------------------------------
@@ -394,13 +299,44 @@ build_base() {
     log "base $BASE_REF: built in ${BUILD_SECONDS[base]}s, $(image_size_mb "$BASE_REF") MB"
 }
 
-# build_app NAME REPOSITORY DOCKERFILE EXTRA_TAG [--build-arg K=V ...]: content-hashed build on the base.
+# The Python bases every app image builds FROM (images/python.Dockerfile): BUILDER_IMAGE, a virtualenv
+# to install into, and RUNTIME_IMAGE, the non-root user and environment it runs with. Both are tagged
+# by one content hash (that Dockerfile, the helper it copies, the Debian base's id) and also :dev, the
+# default the app Dockerfiles name for builds by hand.
+PYTHON_BASES_DOCKERFILE=images/python.Dockerfile
+BUILDER_REF=""
+RUNTIME_REF=""
+build_python_bases() {
+    local hash target ref started
+    hash="$(content_hash "$REPO_ROOT/$PYTHON_BASES_DOCKERFILE" "base=$(image_id "$BASE_REF")")"
+    BUILDER_REF="mnist-mlops/python-builder:$hash"
+    RUNTIME_REF="mnist-mlops/python-runtime:$hash"
+    for target in builder runtime; do
+        ref="mnist-mlops/python-$target:$hash"
+        if image_exists "$ref"; then
+            log "$target base $ref: cached"
+        else
+            started=$SECONDS
+            log "$target base $ref: building $PYTHON_BASES_DOCKERFILE --target $target"
+            # No content-hash label: an edit that leaves every instruction as it was (a comment) then
+            # gives the same image id from Docker's layer cache, and the app images stay cached.
+            run_build "$CACHE_DIR/image-builds/python-$target-$hash.log" -f "$REPO_ROOT/$PYTHON_BASES_DOCKERFILE" \
+                --target "$target" --build-arg "PYTHON_IMAGE=$BASE_REF" -t "$ref" "$REPO_ROOT"
+            BUILD_SECONDS[python_$target]=$((SECONDS - started))
+            log "$target base $ref: built in ${BUILD_SECONDS[python_$target]}s"
+        fi
+        docker tag "$ref" "mnist-mlops/python-$target:dev"
+    done
+}
+
+# build_app NAME REPOSITORY DOCKERFILE EXTRA_TAG [--build-arg K=V ...]: content-hashed build FROM the
+# Python bases; their ids are part of the hash, so a changed base rebuilds every app image.
 build_app() {
     local name="$1" repository="$2" dockerfile="$3" prefix="$4"
     shift 4
-    local content_args=("$@") base_id hash
-    base_id="$(image_id "$BASE_REF")"
-    hash="$(content_hash "$REPO_ROOT/$dockerfile" "base=$base_id" "${content_args[@]}")"
+    local content_args=("$@") hash
+    hash="$(content_hash "$REPO_ROOT/$dockerfile" "builder=$(image_id "$BUILDER_REF")" \
+        "runtime=$(image_id "$RUNTIME_REF")" "${content_args[@]}")"
     local ref="$repository:$prefix$hash"
     REFS[$name]="$ref"
     if image_exists "$ref"; then
@@ -409,9 +345,10 @@ build_app() {
     fi
     local log_file="$CACHE_DIR/image-builds/$name-$prefix$hash.log" started=$SECONDS
     log "$name $ref: building $dockerfile (log: $log_file)"
-    host_build_args_for "$REPO_ROOT/$dockerfile"
+    host_build_args_for "$REPO_ROOT/$dockerfile" "$REPO_ROOT/$PYTHON_BASES_DOCKERFILE"
     run_build "$log_file" --network host -f "$REPO_ROOT/$dockerfile" \
-        --build-arg "PYTHON_IMAGE=$BASE_REF" "${content_args[@]}" "${HOST_BUILD_ARGS[@]}" \
+        --build-arg "BUILDER_IMAGE=$BUILDER_REF" --build-arg "RUNTIME_IMAGE=$RUNTIME_REF" \
+        "${content_args[@]}" "${HOST_BUILD_ARGS[@]}" \
         --label "io.mnist-mlops.content-hash=$hash" -t "$ref" "$REPO_ROOT"
     BUILD_SECONDS[$name]=$((SECONDS - started))
     log "$name $ref: built in ${BUILD_SECONDS[$name]}s, $(image_size_mb "$ref") MB"
@@ -587,6 +524,42 @@ import_into_containerd() {
     done
 }
 
+# --- pruning superseded images -------------------------------------------------------------------
+
+# Every source change makes new content tags; without this the machine fills up with old ones (a
+# training image is 2.6 GB). Only images of our own repositories go, and only those that no current
+# ref or base names: what this run built or found is kept, whatever else is on the machine is not ours.
+prune_docker() {
+    local keep ref id repo_tag
+    declare -A keep=()
+    for ref in "${REFS[@]}" "$BASE_REF" "$BUILDER_REF" "$RUNTIME_REF"; do
+        id="$(image_id "$ref")" && keep[$id]=1
+    done
+    while read -r repo_tag id; do
+        [[ -n "${keep[$id]:-}" ]] && continue
+        log "pruning superseded $repo_tag"
+        docker rmi "$repo_tag" >/dev/null 9>&- || log "warning: could not remove $repo_tag (in use?)"
+    done < <(docker images --no-trunc --format '{{.Repository}}:{{.Tag}} {{.ID}}' 9>&- |
+        awk '$1 ~ /^mnist-mlops\// && $1 !~ /:<none>$/')
+}
+
+# The same for the node's containerd: an imported image is a second copy of it.
+prune_containerd() {
+    local sock="$1" name ref current
+    declare -A current=()
+    for name in "${ORDER[@]}"; do
+        ref="${REFS[$name]}"
+        current["docker.io/$ref"]=1
+        current["docker.io/${ref%%:*}:dev"]=1
+    done
+    while read -r name; do
+        [[ "$name" == docker.io/mnist-mlops/* && -z "${current[$name]:-}" ]] || continue
+        log "containerd $sock: pruning superseded $name"
+        ctr --address "$sock" -n k8s.io images rm "$name" >/dev/null 9>&- ||
+            log "warning: containerd at $sock could not remove $name"
+    done < <(timeout 60 ctr --address "$sock" -n k8s.io images ls -q 9>&-)
+}
+
 # --- main ----------------------------------------------------------------------------------------
 
 ensure_dockerd
@@ -594,6 +567,7 @@ MLFLOW_VERSION="$(sed -n 's/^mlflow==\([^ #;]*\).*/\1/p' "$REPO_ROOT/requirement
 [[ -n "$MLFLOW_VERSION" ]] || die "requirements/training.txt does not pin mlflow==<version>"
 
 build_base
+build_python_bases
 build_app training mnist-mlops/training training_job/Dockerfile ""
 build_app serving mnist-mlops/serving serving/Dockerfile ""
 build_app operator mnist-mlops/operator operator/Dockerfile ""
@@ -625,8 +599,10 @@ if ((AUDIT_PROBLEMS > 0)); then
     fi
 fi
 
+prune_docker
 if [[ -n "$IMPORT_SOCK" ]]; then
     import_into_containerd "$IMPORT_SOCK"
+    prune_containerd "$IMPORT_SOCK"
 fi
 
 log "done in $((SECONDS - START_SECONDS))s"

@@ -17,16 +17,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, Response
-from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from serving import __version__, metrics, rest_predict, rest_v2
+from serving import __version__, metrics
 from serving.dataplane import DataPlane
 from serving.errors import install_exception_handlers
 from serving.middleware import ServingMiddleware
+from serving.rest import predict, v2
 from serving.schemas import (
     BatchRequest,
     HealthResponse,
@@ -47,14 +45,6 @@ PAGE_CSP = (
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
 _BODY_SCHEMAS = (PredictRequest, BatchRequest, V2InferenceRequest)
-
-
-class _FastRoute(Route):
-    """A plain Starlette route that, like FastAPI's, leaves itself in the scope (the metrics' route label)."""
-
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["route"] = self
-        await super().handle(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, dataplane: DataPlane | None = None) -> FastAPI:
@@ -144,17 +134,10 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
         payload, content_type = metrics.exposition()
         return Response(payload, media_type=content_type)
 
-    routers = [rest_predict.build_router(dataplane), rest_v2.build_router(dataplane)]
-    # The inference routes go first, as plain Starlette routes (see rest_predict.fast_path); the
-    # included FastAPI routes still describe them in the OpenAPI document.
-    app.router.routes[0:0] = [
-        _FastRoute(route.path, route.endpoint, methods=sorted(route.methods or ()), name=f"{route.name}_fast")
-        for router in routers
-        for route in router.routes
-        if isinstance(route, APIRoute) and getattr(route.endpoint, "fast_path", False)
-    ]
-    for router in routers:
-        app.include_router(router)
+    # On the app's own router rather than included routers: FastAPI would wrap an included router in
+    # another matching layer on every request.
+    predict.register(app.router, dataplane)
+    v2.register(app.router, dataplane)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from pydantic_core import to_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.logs import request_id_var
+from serving.context import current_request_id
 
 log = logging.getLogger("serving.errors")
 
@@ -62,7 +62,7 @@ class ModelNotReadyError(ServingError):
 
 
 def error_body(message: str, detail: Sequence[dict[str, Any]] | None = None) -> bytes:
-    body: dict[str, Any] = {"error": message, "request_id": request_id_var.get()}
+    body: dict[str, Any] = {"error": message, "request_id": current_request_id()}
     if detail:
         body["detail"] = list(detail)
     return to_json(body)

@@ -1,5 +1,5 @@
 """Structured logging: one JSON object per line on stderr, carrying the request id of the request
-being served (a context variable set by the middleware, so it follows the request into threads)."""
+being served (`serving.context`, set by the middleware, so it follows the request into threads)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import json
 import logging
 import time
 import traceback
-from contextvars import ContextVar
 from typing import Any
 
-request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+from serving.context import current_request_id
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and belongs in the output.
 _STANDARD_ATTRS = frozenset(
@@ -38,7 +37,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        request_id = request_id_var.get()
+        request_id = current_request_id()
         if request_id is not None:
             entry["request_id"] = request_id
         extra = record.__dict__.keys() - _STANDARD_ATTRS
@@ -59,7 +58,7 @@ class TextFormatter(logging.Formatter):
         extras = {
             k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS and not k.startswith("_")
         }
-        request_id = request_id_var.get()
+        request_id = current_request_id()
         if request_id is not None:
             extras = {"request_id": request_id, **extras}
         if extras:

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving import metrics
+from serving import context, metrics
 from serving.dataplane import DataPlane
 from serving.errors import INTERNAL_ERROR, error_body
-from serving.logs import request_id_var
 from serving.settings import Settings
 
 log = logging.getLogger("serving.access")
@@ -118,9 +117,7 @@ class ServingMiddleware:
             return
         start = time.perf_counter()
         request_id, content_length = _read_headers(scope)
-        token = request_id_var.set(request_id)
-        scope["mnist.start"] = start
-        scope["mnist.request_id"] = request_id
+        token = context.bind(context.RequestContext(request_id, start))
         method: str = scope["method"]
         exchange = _Exchange(send, request_id, self.dataplane.response_headers)
         inference = is_inference(method, scope["path"])
@@ -151,7 +148,7 @@ class ServingMiddleware:
                 self.in_flight_inference -= 1
             metrics.http_in_flight.dec()
             self._record(scope, exchange.status, time.perf_counter() - start)
-            request_id_var.reset(token)
+            context.unbind(token)
 
     def _admit(self, scope: Scope) -> Rejection | None:
         if self.limiter is not None:

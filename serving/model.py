@@ -14,11 +14,13 @@ log = logging.getLogger("serving.model")
 
 NUM_CLASSES = 10
 IMAGE_SIDE = 28
+# Images in and probabilities out; every module that handles model arrays uses this one alias.
 Float32Array = npt.NDArray[np.float32]
 
 
 class ModelLoadError(Exception):
-    pass
+    """The artifact is not a model this service can serve. Permanent: registry versions are immutable
+    and the cache is checksummed, so loading the same bytes again fails the same way."""
 
 
 class OnnxClassifier:

@@ -33,11 +33,18 @@ MANIFEST_FILENAME = "serving-manifest.json"
 
 
 class RegistryError(Exception):
-    """The registry could not give us the model. `retryable` errors may heal (network, missing alias)."""
+    """The registry could not give us the model.
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    `retryable` errors may heal by themselves: the registry unreachable or answering 5xx/429, an alias
+    (or the registered model behind it) not created yet. The others need a new configuration: no or a
+    non-http tracking URI, a pinned version that does not exist, a version without an ONNX model, a
+    refused request (401, 403); the data plane stops retrying those. `status` is the registry's
+    HTTP status, when it answered."""
+
+    def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -100,20 +107,33 @@ class RegistryClient:
                 message = json.loads(body).get("message", body)
             except ValueError:
                 message = body
-            # 404 / RESOURCE_DOES_NOT_EXIST: the model or alias may appear later (promotion), so retry.
+            # Not found may heal: a promotion creates the model or sets the alias (pins: see `version`).
             retryable = exc.code >= 500 or exc.code in (404, 429) or "RESOURCE_DOES_NOT_EXIST" in body
             raise RegistryError(
-                f"registry answered {exc.code} for {path}: {message}", retryable=retryable
+                f"registry answered {exc.code} for {path}: {message}", retryable=retryable, status=exc.code
             ) from exc
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise RegistryError(f"registry at {self.base} unreachable: {exc}", retryable=True) from exc
 
     def version_by_alias(self, name: str, alias: str) -> ModelVersionInfo:
-        payload = self._get("registered-models/alias", {"name": name, "alias": alias})
+        try:
+            payload = self._get("registered-models/alias", {"name": name, "alias": alias})
+        except RegistryError as exc:
+            if exc.status == 400:
+                # MLflow answers an alias not set yet with 400 INVALID_PARAMETER_VALUE: a promotion heals it.
+                raise RegistryError(str(exc), retryable=True, status=exc.status) from exc
+            raise
         return _version_info(payload["model_version"], alias)
 
     def version(self, name: str, version: str) -> ModelVersionInfo:
-        payload = self._get("model-versions/get", {"name": name, "version": version})
+        try:
+            payload = self._get("model-versions/get", {"name": name, "version": version})
+        except RegistryError as exc:
+            if exc.status is not None and exc.status < 500 and exc.status != 429:
+                # A pin names one immutable version: if the registry does not have it now, waiting will
+                # not create it (a later registration gets a new number, which a rollout then pins).
+                raise RegistryError(str(exc), retryable=False, status=exc.status) from exc
+            raise
         return _version_info(payload["model_version"], None)
 
     def download_uri(self, name: str, version: str) -> str:

@@ -19,9 +19,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serving.errors import InvalidInputError, PayloadTooLargeError
-from serving.model import IMAGE_SIDE
-
-Float32Array = npt.NDArray[np.float32]
+from serving.model import IMAGE_SIDE, Float32Array
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 DIGIT_BOX = 20

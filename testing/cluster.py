@@ -18,13 +18,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from testing.controlplane import _tail
+from local_mode.processes import ChildProcess, ProcessExitedError
 
 DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / ".state" / "cluster"
 UP_TIMEOUT_SECONDS = 90 * 60.0
@@ -77,27 +76,25 @@ def up(state_dir: Path) -> int:
     for stale in ("ready.json", "pid"):
         with contextlib.suppress(FileNotFoundError):
             (state_dir / stale).unlink()
-    log = state_dir / "supervisor.log"
     started = time.monotonic()
-    with log.open("wb") as handle:
-        supervisor = subprocess.Popen(
-            [sys.executable, "-m", "testing.cluster", "serve", "--state-dir", str(state_dir)],
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    # Not tied to this process's life: the supervisor outlives `make cluster-up` by design.
+    supervisor = ChildProcess.spawn(
+        "the cluster supervisor",
+        [sys.executable, "-m", "testing.cluster", "serve", "--state-dir", str(state_dir)],
+        state_dir / "supervisor.log",
+    )
     (state_dir / "pid").write_text(str(supervisor.pid))
-    deadline = started + UP_TIMEOUT_SECONDS
-    while not (state_dir / "ready.json").exists():
-        if supervisor.poll() is not None:
-            print(f"the cluster did not start; last lines of {log}:\n{_tail(log)}", file=sys.stderr)
-            return 1
-        if time.monotonic() > deadline:
-            supervisor.terminate()
-            print(f"the cluster did not start in {UP_TIMEOUT_SECONDS:.0f}s; see {log}", file=sys.stderr)
-            return 1
-        time.sleep(0.5)
+    try:
+        supervisor.wait_ready(
+            (state_dir / "ready.json").exists,
+            max(started + UP_TIMEOUT_SECONDS - time.monotonic(), 0.0),
+            "the cluster was ready",
+            interval=0.5,
+        )
+    except (ProcessExitedError, TimeoutError) as error:
+        supervisor.stop()
+        print(f"the cluster did not start: {error}", file=sys.stderr)
+        return 1
     ready = json.loads((state_dir / "ready.json").read_text())
     print(f"cluster up in {time.monotonic() - started:.1f}s; images: {', '.join(ready['images'].values())}")
     print(f"export KUBECONFIG={ready['kubeconfig']} PATH={ready['bin_dir']}:$PATH")

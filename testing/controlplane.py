@@ -12,13 +12,9 @@ cached outside the checkout) or from the directory named by ``MNIST_MLOPS_K8S_BI
 from __future__ import annotations
 
 import base64
-import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -28,7 +24,9 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+from local_mode.processes import ChildProcess, ProcessExitedError, free_ports, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build-k8s-tools.sh"
@@ -42,7 +40,6 @@ START_TIMEOUT_SECONDS = 120.0
 STOP_TIMEOUT_SECONDS = 15.0
 HTTP_TIMEOUT_SECONDS = 5.0
 POLL_INTERVAL_SECONDS = 0.2
-LOG_TAIL_LINES = 60
 
 LOOPBACK = "127.0.0.1"
 # Only stored in Service objects; no packet is ever sent to these ranges.
@@ -52,22 +49,9 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "mnist-mlops-admin"
 CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
 
 class ControlPlaneError(RuntimeError):
     """Start-up or operation of the control plane failed; the message carries the log tail."""
-
-
-def free_ports(count: int, address: str = LOOPBACK) -> list[int]:
-    """`count` distinct free ports on `address` (all held open together, so none repeats)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((address, 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
 
 
 def https_healthz(port: int, address: str = LOOPBACK) -> bool:
@@ -83,39 +67,6 @@ def https_healthz(port: int, address: str = LOOPBACK) -> bool:
             return int(resp.status) == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, interval: float = POLL_INTERVAL_SECONDS
-) -> None:
-    """Poll `predicate` until it is true; raise TimeoutError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.25) -> Any:
-    """Polls `predicate` until it returns something truthy (returned) or raises TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def locate_binaries(timeout: float = BUILD_TIMEOUT_SECONDS) -> Path:
@@ -147,13 +98,6 @@ def locate_binaries(timeout: float = BUILD_TIMEOUT_SECONDS) -> Path:
     if missing:
         raise ControlPlaneError(f"{bin_dir} lacks executables: {', '.join(missing)}")
     return bin_dir
-
-
-def _die_with_parent() -> None:
-    # If the test runner is killed outright, its atexit/finalizers never run; the kernel's
-    # parent-death signal keeps etcd and the API server from outliving it.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -328,14 +272,6 @@ def serviceaccount_groups(namespace: str) -> list[str]:
 
 
 @dataclass
-class _Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-    log_handle: IO[bytes]
-
-
-@dataclass
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager on loopback, in a private temp dir.
 
@@ -349,13 +285,16 @@ class ControlPlane:
     address: str = LOOPBACK
     # Pods run on a real kubelet: the node controllers run and the API server can reach kubelets.
     with_node: bool = False
+    # The API server records every write (who, verb, resource) in an audit log: benchmarks count a
+    # client's API writes from it (`write_events`).
+    audit_writes: bool = False
     etcd_port: int = 0
     etcd_peer_port: int = 0
     apiserver_port: int = 0
     kcm_port: int = 0
     pki: Pki | None = None
     startup_seconds: float = 0.0
-    _processes: list[_Process] = field(default_factory=list)
+    _processes: list[ChildProcess] = field(default_factory=list)
     _counter: int = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -370,6 +309,7 @@ class ControlPlane:
         *,
         address: str = LOOPBACK,
         with_node: bool = False,
+        audit_writes: bool = False,
     ) -> ControlPlane:
         """Start all components and wait until the API is usable; raise ControlPlaneError if not.
 
@@ -380,7 +320,13 @@ class ControlPlane:
         for attempt in range(1, attempts + 1):
             # A fresh directory per attempt: etcd must never see a previous attempt's data.
             workdir = Path(tempfile.mkdtemp(prefix="mnist-k8s-", dir=parent_dir))
-            plane = cls(bin_dir=resolved_bin, root=workdir, address=address, with_node=with_node)
+            plane = cls(
+                bin_dir=resolved_bin,
+                root=workdir,
+                address=address,
+                with_node=with_node,
+                audit_writes=audit_writes,
+            )
             try:
                 plane._start(timeout)
             except ControlPlaneError as exc:
@@ -416,15 +362,17 @@ class ControlPlane:
             ),
         )
 
-        etcd = self._spawn("etcd", self._etcd_args())
-        self._wait(etcd, self._etcd_healthy, deadline, "etcd /health")
-        apiserver = self._spawn("kube-apiserver", self._apiserver_args())
+        etcd = self.spawn("etcd", self._etcd_args())
+        self.wait_ready(etcd, self._etcd_healthy, deadline, "etcd /health")
+        apiserver = self.spawn("kube-apiserver", self._apiserver_args())
         # /readyz includes the RBAC bootstrap post-start hook, so default roles exist after it.
-        self._wait(apiserver, lambda: self._api_status("/readyz") == 200, deadline, "kube-apiserver /readyz")
-        kcm = self._spawn("kube-controller-manager", self._kcm_args())
-        self._wait(kcm, self._kcm_healthy, deadline, "kube-controller-manager /healthz")
+        self.wait_ready(
+            apiserver, lambda: self._api_status("/readyz") == 200, deadline, "kube-apiserver /readyz"
+        )
+        kcm = self.spawn("kube-controller-manager", self._kcm_args())
+        self.wait_ready(kcm, self._kcm_healthy, deadline, "kube-controller-manager /healthz")
         # The serviceaccount controller creating `default` proves the controllers really run.
-        self._wait(
+        self.wait_ready(
             kcm,
             lambda: self._api_status("/api/v1/namespaces/default/serviceaccounts/default") == 200,
             deadline,
@@ -435,15 +383,7 @@ class ControlPlane:
     def stop(self) -> None:
         """Terminate every component (newest first) and delete the temp dir unless asked to keep it."""
         for proc in reversed(self._processes):
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.send_signal(signal.SIGTERM)
-                try:
-                    proc.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    proc.popen.kill()
-                    proc.popen.wait(timeout=STOP_TIMEOUT_SECONDS)
-            proc.log_handle.close()
+            proc.stop(STOP_TIMEOUT_SECONDS)
         self._processes.clear()
         if not os.environ.get(KEEP_ENV_VAR):
             shutil.rmtree(self.root, ignore_errors=True)
@@ -504,7 +444,7 @@ class ControlPlane:
     def wait_for_serviceaccount(self, namespace: str, name: str = "default", timeout: float = 60.0) -> None:
         """Wait for a ServiceAccount: pods are rejected until their namespace's account exists,
         and the serviceaccount controller adds `default` only shortly after the namespace."""
-        wait_for(
+        wait_until(
             lambda: self._api_status(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}") == 200,
             timeout,
             f"ServiceAccount {namespace}/{name}",
@@ -597,38 +537,24 @@ class ControlPlane:
         }
         return kubeconfig_document(self.server_url, self._pki.ca_cert, user, user_name=ADMIN_USER)
 
-    def _spawn(self, name: str, args: Sequence[str], executable: Path | None = None) -> _Process:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.component_log(name)
-        log_handle = log_path.open("wb")
-        popen = subprocess.Popen(
+    def spawn(self, name: str, args: Sequence[str], executable: Path | None = None) -> ChildProcess:
+        """Starts a component (a built binary by default) that this control plane stops with itself."""
+        proc = ChildProcess.spawn(
+            name,
             [str(executable or self.bin_dir / name), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log_handle,
-            stderr=subprocess.STDOUT,
+            self.component_log(name),
             cwd=self.root,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal-safe
+            die_with_parent=True,
         )
-        proc = _Process(name=name, popen=popen, log_path=log_path, log_handle=log_handle)
         self._processes.append(proc)
         return proc
 
-    def _wait(self, proc: _Process, ready: Callable[[], bool], deadline: float, what: str) -> None:
-        def check() -> bool:
-            if proc.popen.poll() is not None:
-                raise ControlPlaneError(
-                    f"{proc.name} exited with code {proc.popen.returncode} before {what} was ready; "
-                    f"last lines of {proc.log_path}:\n{_tail(proc.log_path)}{self._keep_hint()}"
-                )
-            return ready()
-
+    def wait_ready(self, proc: ChildProcess, ready: Callable[[], bool], deadline: float, what: str) -> None:
+        """Waits for one component until the shared start-up deadline, failing with its log tail."""
         try:
-            wait_for(check, max(deadline - time.monotonic(), 0.0), what)
-        except TimeoutError as exc:
-            raise ControlPlaneError(
-                f"{exc}; last lines of {proc.log_path}:\n{_tail(proc.log_path)}{self._keep_hint()}"
-            ) from exc
+            proc.wait_ready(ready, max(deadline - time.monotonic(), 0.0), what, POLL_INTERVAL_SECONDS)
+        except (ProcessExitedError, TimeoutError) as exc:
+            raise ControlPlaneError(f"{exc}{self._keep_hint()}") from exc
 
     def _keep_hint(self) -> str:
         if os.environ.get(KEEP_ENV_VAR):
@@ -711,9 +637,44 @@ class ControlPlane:
             # never be observed doing so.
             "--allow-privileged=true",
             *self._node_apiserver_args(),
+            *self._audit_args(),
             "--profiling=false",
             "--v=1",
         ]
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.root / "audit.log"
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit_writes:
+            return []
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                {"level": "Metadata", "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+                {"level": "None"},
+            ],
+        }
+        policy_path = self.root / "audit-policy.json"
+        policy_path.write_text(json.dumps(policy))
+        return [
+            f"--audit-policy-file={policy_path}",
+            f"--audit-log-path={self.audit_log_path}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=0",
+        ]
+
+    def write_events(self) -> list[dict[str, Any]]:
+        """Every completed write the API server has audited so far (start with `audit_writes=True`)."""
+        if not self.audit_writes:
+            raise ControlPlaneError("the control plane was started without audit_writes=True")
+        if not self.audit_log_path.exists():
+            return []
+        events = [json.loads(line) for line in self.audit_log_path.read_text().splitlines() if line.strip()]
+        return [event for event in events if event.get("stage") == "ResponseComplete"]
 
     def _serving_ips(self) -> list[str]:
         if not self.with_node:

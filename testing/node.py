@@ -36,18 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from local_mode.processes import ChildProcess, free_ports
 from testing.controlplane import (
     SERVICE_CLUSTER_IP_RANGE,
     ControlPlane,
     ControlPlaneError,
-    _Process,
     _write_private,
-    free_ports,
     https_healthz,
     issue_certificate,
     kubeconfig_document,
     locate_binaries,
 )
+from testing.kubectl import kubectl_ok
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGES_SCRIPT = REPO_ROOT / "scripts" / "build-images.sh"
@@ -145,7 +145,7 @@ class NodeCluster:
     kubelet_port: int = 0
     metrics_server_port: int = 0
     startup_seconds: float = 0.0
-    _kubelet: _Process | None = None
+    _kubelet: ChildProcess | None = None
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -182,12 +182,8 @@ class NodeCluster:
         """Stops the kubelet, removes every pod's containers and network namespace, stops the
         rest, and takes this harness's routes and iptables rules off the host."""
         try:
-            if self._kubelet is not None and self._kubelet.popen.poll() is None:
-                self._kubelet.popen.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._kubelet.popen.wait(timeout=15)
-                if self._kubelet.popen.poll() is None:
-                    self._kubelet.popen.kill()
+            if self._kubelet is not None:
+                self._kubelet.stop(timeout=15)
             if self.containerd_socket.exists():
                 _remove_all_containers(self.containerd_socket)
             proxy = self.plane.bin_dir / "kube-proxy"
@@ -219,13 +215,8 @@ class NodeCluster:
         return self.plane.env()
 
     def kubectl(self, *args: str, input_text: str | None = None, timeout: float = 120.0) -> str:
-        """Runs the built kubectl as the admin; raises NodeError with its stderr on failure."""
-        return _run(
-            [str(self.plane.bin_dir / "kubectl"), *args],
-            timeout=timeout,
-            input=input_text,
-            env=self.env(),
-        )
+        """kubectl as the admin that must succeed (testing.kubectl); returns its stdout."""
+        return kubectl_ok(self.plane, *args, manifest=input_text, timeout=timeout)
 
     def apply(self, documents: Sequence[Mapping[str, Any]]) -> None:
         manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(documents)})
@@ -323,8 +314,8 @@ class NodeCluster:
                 store, state, self.containerd_socket, cni_conf, _normalise(self.images["pause"])
             )
         )
-        proc = self.plane._spawn("containerd", ["--config", str(config)], executable=_which("containerd"))
-        self.plane._wait(
+        proc = self.plane.spawn("containerd", ["--config", str(config)], executable=_which("containerd"))
+        self.plane.wait_ready(
             proc,
             lambda: _run(_ctr(self.containerd_socket, "version"), check=False, timeout=10) != "",
             deadline,
@@ -359,7 +350,7 @@ class NodeCluster:
 
     def _start_scheduler(self, kubeconfig: Path, deadline: float) -> None:
         port = free_ports(1)[0]
-        proc = self.plane._spawn(
+        proc = self.plane.spawn(
             "kube-scheduler",
             [
                 f"--kubeconfig={kubeconfig}",
@@ -371,7 +362,7 @@ class NodeCluster:
                 "--v=1",
             ],
         )
-        self.plane._wait(proc, lambda: https_healthz(port), deadline, "kube-scheduler /healthz")
+        self.plane.wait_ready(proc, lambda: https_healthz(port), deadline, "kube-scheduler /healthz")
 
     def _start_proxy(self, kubeconfig: Path, deadline: float) -> None:
         healthz, metrics = free_ports(2)
@@ -395,8 +386,8 @@ class NodeCluster:
                 }
             )
         )
-        proc = self.plane._spawn("kube-proxy", [f"--config={config}", "--v=1"])
-        self.plane._wait(
+        proc = self.plane.spawn("kube-proxy", [f"--config={config}", "--v=1"])
+        self.plane.wait_ready(
             proc, lambda: _http_ok(f"http://127.0.0.1:{healthz}/healthz"), deadline, "kube-proxy /healthz"
         )
 
@@ -420,8 +411,8 @@ class NodeCluster:
 }}
 """
         )
-        proc = self.plane._spawn("coredns", ["-conf", str(corefile)])
-        self.plane._wait(
+        proc = self.plane.spawn("coredns", ["-conf", str(corefile)])
+        self.plane.wait_ready(
             proc, lambda: _http_ok(f"http://127.0.0.1:{ready}/ready"), deadline, "CoreDNS /ready"
         )
         # The Service pods are pointed at; CoreDNS runs on the node, so its endpoint is the node.
@@ -436,7 +427,7 @@ class NodeCluster:
         kubelet_root.mkdir(parents=True, exist_ok=True)
         config = self.root / "kubelet.yaml"
         config.write_text(json.dumps(self._kubelet_config(healthz), indent=2))
-        self._kubelet = self.plane._spawn(
+        self._kubelet = self.plane.spawn(
             "kubelet",
             [
                 f"--config={config}",
@@ -448,7 +439,7 @@ class NodeCluster:
                 "--v=1",
             ],
         )
-        self.plane._wait(self._kubelet, self._node_ready, deadline, f"node {NODE_NAME} Ready")
+        self.plane.wait_ready(self._kubelet, self._node_ready, deadline, f"node {NODE_NAME} Ready")
 
     def _kubelet_config(self, healthz_port: int) -> dict[str, Any]:
         return {
@@ -501,7 +492,7 @@ class NodeCluster:
     def _start_metrics_server(self, deadline: float) -> None:
         self.metrics_server_port = free_ports(1, NODE_IP)[0]
         kubeconfig = self.plane.kubeconfig_path
-        proc = self.plane._spawn(
+        proc = self.plane.spawn(
             "metrics-server",
             [
                 f"--kubeconfig={kubeconfig}",
@@ -518,7 +509,7 @@ class NodeCluster:
                 "--metric-resolution=15s",
             ],
         )
-        self.plane._wait(
+        self.plane.wait_ready(
             proc,
             lambda: https_healthz(self.metrics_server_port, NODE_IP),
             deadline,

@@ -11,14 +11,13 @@ real thing.
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+
+from local_mode.processes import ChildProcess, free_port, http_ok
 
 START_TIMEOUT_SECONDS = 60.0
 
@@ -95,40 +94,38 @@ def scrape_job(
 
 class Prometheus:
     """A prometheus on a free loopback port with the given scrape jobs. Kubernetes discovery needs
-    upstream's build (scripts/build-k8s-tools.sh): Debian's leaves that discoverer out."""
+    upstream's build (scripts/build-k8s-tools.sh): Debian's leaves that discoverer out, but it is
+    enough for static targets."""
 
-    def __init__(self, jobs: list[dict[str, Any]], directory: Path, binary: Path) -> None:
+    def __init__(
+        self, jobs: list[dict[str, Any]], directory: Path, binary: Path, scrape_interval: str = "2s"
+    ) -> None:
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing (scripts/build-k8s-tools.sh builds it)")
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"global": {"scrape_interval": "2s", "evaluation_interval": "2s"}, "scrape_configs": jobs}
-        config_path = directory / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
+        config = {
+            "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+            "scrape_configs": jobs,
+        }
+        self.config_path = directory / "prometheus.yml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = directory / "prometheus.log"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [str(binary), f"--config.file={config_path}", f"--storage.tsdb.path={directory / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not self._ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"prometheus did not become ready:\n{self.log_tail()}")
-            time.sleep(0.5)
-
-    def _ready(self) -> bool:
+        self.child = ChildProcess.spawn(
+            "prometheus",
+            [str(binary), f"--config.file={self.config_path}", f"--storage.tsdb.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+            directory / "prometheus.log",
+            die_with_parent=True,
+        )  # fmt: skip
         try:
-            return httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+            self.child.wait_ready(lambda: http_ok(f"{self.url}/-/ready"), START_TIMEOUT_SECONDS, "/-/ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def query(self, expr: str) -> list[dict[str, Any]]:
+        self.child.check_running(f"answering {expr}")
         response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
@@ -143,13 +140,7 @@ class Prometheus:
         return active
 
     def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
+        return self.child.log_tail()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(20)
+        self.child.stop()

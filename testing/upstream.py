@@ -65,3 +65,29 @@ def prometheus_operator_crds() -> list[Path]:
     """The real ServiceMonitor and PrometheusRule CRDs of prometheus-operator."""
     module, version = PROMETHEUS_OPERATOR
     return [module_file(module, version, relative) for relative in PROMETHEUS_OPERATOR_CRDS.values()]
+
+
+KUEUE = ("sigs.k8s.io/kueue", "v0.17.0")
+KUEUE_CRDS = {
+    kind: f"config/components/crd/bases/kueue.x-k8s.io_{plural}.yaml"
+    for kind, plural in (
+        ("ResourceFlavor", "resourceflavors"),
+        ("ClusterQueue", "clusterqueues"),
+        ("LocalQueue", "localqueues"),
+        ("Workload", "workloads"),
+    )
+}
+KEDA = ("github.com/kedacore/keda/v2", "v2.21.0")
+KEDA_CRDS = {"ScaledObject": "config/crd/bases/keda.sh_scaledobjects.yaml"}
+
+
+def kueue_crds() -> list[Path]:
+    """Kueue's real queue CRDs: what a `spec.queueName` TrainingRun is admitted against."""
+    module, version = KUEUE
+    return [module_file(module, version, relative) for relative in KUEUE_CRDS.values()]
+
+
+def keda_crds() -> list[Path]:
+    """KEDA's real ScaledObject CRD, which the chart renders when serving scales on load through KEDA."""
+    module, version = KEDA
+    return [module_file(module, version, relative) for relative in KEDA_CRDS.values()]

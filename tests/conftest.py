@@ -1,27 +1,22 @@
-"""Fixtures shared by the whole suite: real servers, started once per session."""
+"""Fixtures more than one area of the suite uses: real servers, started once per session. Each area's
+own fixtures are in its directory's conftest.py (tests/serving/, tests/mnist_operator/, tests/e2e/)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from training_job.mlflow_server import MlflowServer, start_mlflow_server
-from training_job.result import TrainingResult
+from contract.result import TrainingResult
+from local_mode.mlflow_server import MlflowServer, start_mlflow_server
+from testing.controlplane import ControlPlane
+from testing.helm import CI_DIR, SCENARIOS, Helm, Rendered, helm_binary, parse_documents, values_file
+from testing.operator_harness import install_crd
+from testing.training import REPO_ROOT, run_training
 
-# Fixture modules of each area (tests/fixtures_<area>.py), shared across test files.
-pytest_plugins: list[str] = [
-    "tests.fixtures_chart",
-    "tests.fixtures_node",
-    "tests.fixtures_operator",
-    "tests.fixtures_serving",
-]
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MNIST_PATH = Path(os.environ.get("MNIST_NPZ", REPO_ROOT / "data" / "mnist.npz"))
 
 
@@ -39,9 +34,10 @@ def mnist_path() -> Path:
     return MNIST_PATH
 
 
-# --- Kubernetes control plane (testing/controlplane.py) ---------------------------------------
-# Imported here rather than at the top so this block stays self-contained.
-from testing.controlplane import ControlPlane  # noqa: E402
+@pytest.fixture(scope="session")
+def crd_installed(control_plane: ControlPlane) -> None:
+    """The TrainingRun CRD on the session's API server (the chart, contract and operator tests use it)."""
+    install_crd(control_plane)
 
 
 @pytest.fixture(scope="session")
@@ -52,20 +48,6 @@ def control_plane() -> Iterator[ControlPlane]:
         yield plane
     finally:
         plane.stop()
-
-
-def run_training(
-    mlflow_url: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Runs the training Job's real entrypoint as a child process, as the container would."""
-    return subprocess.run(
-        [sys.executable, "-m", "training_job", "train", f"--tracking-uri={mlflow_url}", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
-        cwd=REPO_ROOT,
-    )
 
 
 @pytest.fixture(scope="session")
@@ -83,4 +65,24 @@ def registered_model(mlflow_server: MlflowServer, mnist_path: Path) -> TrainingR
     assert completed.returncode == 0, f"training failed:\n{completed.stderr[-4000:]}"
     result = TrainingResult.from_json(completed.stdout.strip().splitlines()[-1])
     assert result.promoted, result.promotion_reason
+    return result
+
+
+# --- the chart, rendered once (the chart tests and the serving monitoring tests) -------------------
+
+
+@pytest.fixture(scope="session")
+def helm() -> Iterator[Helm]:
+    with tempfile.TemporaryDirectory(prefix="mnist-helm-") as home:
+        yield Helm(helm_binary(), Path(home))
+
+
+@pytest.fixture(scope="session")
+def rendered(helm: Helm) -> dict[str, Rendered]:
+    """Every ci/ scenario rendered once for the session, keyed by scenario name."""
+    assert SCENARIOS, f"no ci/*-values.yaml scenarios in {CI_DIR}"
+    result: dict[str, Rendered] = {}
+    for scenario in SCENARIOS:
+        text = helm.template([values_file(scenario)]).stdout
+        result[scenario] = Rendered(scenario, text, parse_documents(text))
     return result

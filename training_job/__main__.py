@@ -7,12 +7,15 @@ import os
 import sys
 from collections.abc import Sequence
 
-from training_job.cli import parse_train_command
-from training_job.result import write_termination_message
-
-EXIT_TRACKING_UNAVAILABLE = 3
-EXIT_BAD_DATA = 4
-EXIT_EXPORT_MISMATCH = 5
+from contract.constants import (
+    EXIT_BAD_COMMAND,
+    EXIT_BAD_DATA,
+    EXIT_EXPORT_MISMATCH,
+    EXIT_TRACKING_UNAVAILABLE,
+)
+from contract.result import write_termination_message
+from contract.train_command import parse_train_command
+from training_job.distributed import WorkerConfigError, per_worker_batch_size, worker_context
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,9 +27,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # TensorFlow's C++ start-up chatter would bury the per-epoch progress lines.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        # With --workers=N > 1: this pod's index and peers, from the Indexed Job's environment.
+        worker = worker_context(command.spec.workers, os.environ)
+        per_worker_batch_size(command.spec.hyperparameters.batch_size, worker.workers)
+    except WorkerConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_COMMAND
     from training_job.data import DataError
     from training_job.export import ExportMismatchError
-    from training_job.train import TrackingUnavailableError, TrainOptions, train
+    from training_job.train import TrackingUnavailableError, train
 
     tracking_uri = command.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
@@ -34,18 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "error: no MLflow tracking URI: set MLFLOW_TRACKING_URI or pass --tracking-uri", file=sys.stderr
         )
         return EXIT_TRACKING_UNAVAILABLE
-    options = TrainOptions(
-        spec=command.spec,
-        run_name=command.run_name,
-        tags=command.tags,
-        trainingrun=command.trainingrun,
-        data_path=command.data_path,
-        max_train_samples=command.max_train_samples,
-    )
     try:
-        result = train(options, tracking_uri)
+        trained = train(command, tracking_uri, worker)
+        if trained is None:
+            # Not the chief: worker 0 logs, registers and hands back the one result.
+            return 0
+        result = trained
         if command.promote:
-            from training_job.runner import apply_promotion
+            from contract.promotion import apply_promotion
 
             result = apply_promotion(result, command.spec, tracking_uri)
     except TrackingUnavailableError as error:

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 from keras import layers
 
-from training_job.spec import Architecture, Hyperparameters, Optimizer
+from contract.spec import Architecture, Hyperparameters, Optimizer
 
 INPUT_SHAPE = (28, 28, 1)
 NUM_CLASSES = 10
@@ -48,23 +48,29 @@ def build_enhanced() -> keras.Model:
     )
 
 
-def _conv_bn(inputs: Any, filters: int, kernel: int, padding: str = "same") -> Any:
+def _conv_bn(
+    inputs: Any, filters: int, kernel: int, padding: str = "same", synchronized: bool = False
+) -> Any:
     # No bias: the batch normalisation's shift makes it redundant.
     x = layers.Conv2D(filters, kernel, padding=padding, use_bias=False)(inputs)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(synchronized=True)(x) if synchronized else layers.BatchNormalization()(x)
     return layers.ReLU()(x)
 
 
-def build_residual_bn() -> keras.Model:
+def build_residual_bn(synchronized_batch_norm: bool = False) -> keras.Model:
+    """`synchronized_batch_norm` (multi-worker training only) normalises with the statistics of the
+    global batch, all-reduced across the workers, instead of each worker's share: the same layer
+    outputs, and so the same gradients, as one worker taking the whole batch. It adds no weights."""
+    sync = synchronized_batch_norm
     # Spatial size shrinks early (5x5 valid conv, then pooling) so the residual block and the 64-filter
     # convolution run on 12x12 and 10x10 maps: about 3.6 M multiply-adds an image, 45 k parameters.
     inputs = keras.Input(INPUT_SHAPE, name="image")
-    x = _conv_bn(inputs, 32, 5, padding="valid")  # 24x24
+    x = _conv_bn(inputs, 32, 5, padding="valid", synchronized=sync)  # 24x24
     x = layers.MaxPooling2D()(x)  # 12x12
     shortcut = x
-    x = _conv_bn(x, 32, 3)
+    x = _conv_bn(x, 32, 3, synchronized=sync)
     x = layers.Add()([x, shortcut])
-    x = _conv_bn(x, 64, 3, padding="valid")  # 10x10
+    x = _conv_bn(x, 64, 3, padding="valid", synchronized=sync)  # 10x10
     x = layers.MaxPooling2D()(x)  # 5x5
     x = layers.Flatten()(x)
     x = layers.Dropout(0.3)(x)
@@ -79,7 +85,9 @@ BUILDERS: dict[Architecture, Callable[[], keras.Model]] = {
 }
 
 
-def build_model(architecture: Architecture) -> keras.Model:
+def build_model(architecture: Architecture, synchronized_batch_norm: bool = False) -> keras.Model:
+    if architecture is Architecture.RESIDUAL_BN:
+        return build_residual_bn(synchronized_batch_norm)
     return BUILDERS[architecture]()
 
 

@@ -11,36 +11,25 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
 
-from training_job.cli import TrainingRunRef
+from contract.constants import TRAININGRUN_SOURCE_TAG, TRAININGRUN_TAGS
+from contract.result import TrainingResult
+from contract.spec import TrainingRunSpec
+from contract.train_command import TrainOptions
 from training_job.data import Dataset, Split, load_dataset
-from training_job.result import TrainingResult
-from training_job.spec import TrainingRunSpec
+from training_job.distributed import CHIEF_INDEX, WorkerContext, per_worker_batch_size
 
 log = logging.getLogger("training_job")
 
 KERAS_ARTIFACT_PATH = "keras-model"
-TRAININGRUN_TAGS = ("trainingrun.name", "trainingrun.namespace", "trainingrun.uid")
 
 
 class TrackingUnavailableError(RuntimeError):
     """MLflow cannot be reached; the run cannot be recorded, so it must not start."""
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    spec: TrainingRunSpec
-    run_name: str | None = None
-    tags: Mapping[str, str] | None = None
-    trainingrun: TrainingRunRef = field(default_factory=TrainingRunRef)
-    data_path: Path | None = None
-    max_train_samples: int | None = None
 
 
 def check_tracking_server(tracking_uri: str, timeout: float = 10.0) -> None:
@@ -215,32 +204,88 @@ def _seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def train(options: TrainOptions, tracking_uri: str) -> TrainingResult:
-    """Trains, evaluates, logs and registers. Raises on unreachable MLflow or bad data."""
-    spec, hyper = options.spec, options.spec.hyperparameters
-    # Both checks come before TensorFlow is imported, so a misconfigured Job fails in a second.
-    check_tracking_server(tracking_uri)
-    dataset: Dataset = load_dataset(
-        options.data_path, hyper.validation_split, hyper.seed, options.max_train_samples
-    )
+def _compiled_model(spec: TrainingRunSpec, train_samples: int, strategy: Any) -> Any:
+    """The spec's model, compiled; built under the strategy's scope when there is one."""
+    import contextlib
 
-    import keras
-    import mlflow
-    from mlflow.models import infer_signature
-
-    from training_job.export import check_against_keras, to_onnx
     from training_job.models import build_model, build_optimizer
 
-    log.info(
-        "data %s: train=%d validation=%d test=%d digest=%s",
-        dataset.source, len(dataset.train), len(dataset.validation), len(dataset.test), dataset.digest[:12],
-    )  # fmt: skip
-    _seed_everything(hyper.seed)
+    hyper = spec.hyperparameters
+    # The global batch sets the steps per epoch, whatever the number of workers.
+    steps_per_epoch = -(-train_samples // hyper.batch_size)
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        # Under a strategy, batch normalisation uses the global batch's statistics (see models.py).
+        model = build_model(spec.architecture, synchronized_batch_norm=strategy is not None)
+        model.compile(
+            optimizer=build_optimizer(hyper, steps_per_epoch),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+    if strategy is not None:
+        from training_job.multiworker import prepare_model
 
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.set_experiment(spec.experiment)
-    tags = {
-        "architecture": spec.architecture.value,
+        prepare_model(model, strategy)
+    return model
+
+
+def _fit(model: Any, spec: TrainingRunSpec, dataset: Dataset, callbacks: list[Any], strategy: Any) -> Any:
+    """Trains; returns the model to evaluate and export. Under a strategy that is a plain copy of the
+    trained weights, so the chief's predictions, export and logging run locally, with no collective
+    op the other workers would have to join."""
+    hyper = spec.hyperparameters
+    train_data = make_train_dataset(dataset.train, hyper.batch_size, hyper.seed, hyper.augment)
+    if strategy is not None:
+        from training_job.multiworker import distribute_input_options
+
+        train_data = distribute_input_options(train_data)
+    model.fit(
+        train_data,
+        validation_data=(dataset.validation.images, dataset.validation.labels),
+        epochs=hyper.epochs,
+        callbacks=callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
+        verbose=0,
+    )
+    if strategy is None:
+        return model
+    from training_job.models import build_model
+
+    # Every worker reads its weights (local reads of mirrored variables); the chief uses the copy. It is
+    # compiled like the trained model so the logged Keras model carries the same compile config.
+    weights = model.get_weights()
+    local = build_model(spec.architecture)
+    local.set_weights(weights)
+    optimizer = type(model.optimizer).from_config(model.optimizer.get_config())
+    local.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return local
+
+
+def _strategy(worker: WorkerContext, global_batch: int, per_worker_batch: int) -> Any:
+    """MultiWorkerMirroredStrategy for workers > 1, created before any other TensorFlow op; else None."""
+    if not worker.distributed:
+        return None
+    from training_job.multiworker import create_strategy
+
+    log.info(
+        "worker %d of %d: global batch %d, %d per worker; cluster %s",
+        worker.index, worker.workers, global_batch, per_worker_batch, worker.tf_config,
+    )  # fmt: skip
+    return create_strategy(worker)
+
+
+def _train_replica(spec: TrainingRunSpec, dataset: Dataset, strategy: Any, worker: WorkerContext) -> None:
+    """A non-chief worker: the chief's training step for step, and nothing written anywhere."""
+    import keras
+
+    model = _compiled_model(spec, len(dataset.train), strategy)
+    _fit(model, spec, dataset, callbacks=[], strategy=strategy)
+    log.info("worker %d finished training; worker 0 logs and registers the model", worker.index)
+    keras.backend.clear_session()
+
+
+def _run_tags(options: TrainOptions) -> dict[str, str]:
+    return {
+        "architecture": options.spec.architecture.value,
         **{
             key: value
             for key, value in zip(
@@ -252,26 +297,71 @@ def train(options: TrainOptions, tracking_uri: str) -> TrainingResult:
         },
         **(options.tags or {}),
     }
+
+
+@overload
+def train(options: TrainOptions, tracking_uri: str) -> TrainingResult: ...
+@overload
+def train(options: TrainOptions, tracking_uri: str, worker: WorkerContext) -> TrainingResult | None: ...
+def train(
+    options: TrainOptions, tracking_uri: str, worker: WorkerContext | None = None
+) -> TrainingResult | None:
+    """Trains, evaluates, logs and registers. Raises on unreachable MLflow or bad data.
+
+    `worker` places this process in a multi-worker training (`training_job.distributed`); None is a
+    single process, as before multi-worker support, whatever `spec.workers` says (the batch rule makes
+    N workers the same optimisation as one process taking the global batch). With N > 1 workers:
+
+    - the model is built and compiled under `tf.distribute.MultiWorkerMirroredStrategy`;
+    - `batchSize` is the GLOBAL batch: every step takes `batchSize` examples in all,
+      `batchSize / N` on each worker (it must divide), and applies the mean gradient over all of them
+      with the spec's learning rate, unchanged: the update one worker makes with the whole batch, so
+      the accuracy matches. Steps per epoch, and so a cosine schedule, are those of one worker;
+    - the training set is sharded by tf.data's DATA policy: every worker runs the same seeded shuffle
+      and takes its share of each global batch (validation is sharded the same way);
+    - only worker 0, the chief, talks to MLflow (run, params, metrics, artifacts, ONNX export,
+      registration) and returns a result; the others train, write nothing anywhere and return None.
+    """
+    spec, hyper = options.spec, options.spec.hyperparameters
+    worker = worker or WorkerContext(workers=1, index=CHIEF_INDEX, tf_config=None)
+    # All three checks come before TensorFlow is imported, so a misconfigured Job fails in a second. Every
+    # worker asks MLflow's /health (a read, not a log), so none waits for a chief that just failed.
+    per_worker_batch = per_worker_batch_size(hyper.batch_size, worker.workers)
+    check_tracking_server(tracking_uri)
+    dataset: Dataset = load_dataset(
+        options.data_path, hyper.validation_split, hyper.seed, options.max_train_samples
+    )
+    strategy = _strategy(worker, hyper.batch_size, per_worker_batch)
+
+    import keras
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training_job.export import check_against_keras, to_onnx
+
+    log.info(
+        "data %s: train=%d validation=%d test=%d digest=%s",
+        dataset.source, len(dataset.train), len(dataset.validation), len(dataset.test), dataset.digest[:12],
+    )  # fmt: skip
+    _seed_everything(hyper.seed)
+
+    if not worker.is_chief:
+        _train_replica(spec, dataset, strategy, worker)
+        return None
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.set_experiment(spec.experiment)
+    tags = _run_tags(options)
     with mlflow.start_run(run_name=options.run_name, tags=tags) as run:
-        model = build_model(spec.architecture)
-        steps_per_epoch = -(-len(dataset.train) // hyper.batch_size)
-        model.compile(
-            optimizer=build_optimizer(hyper, steps_per_epoch),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-        )
-        mlflow.log_params(_run_params(spec, dataset, model.count_params()))
+        model = _compiled_model(spec, len(dataset.train), strategy)
+        params = _run_params(spec, dataset, model.count_params())
+        if worker.distributed:
+            params |= {"workers": worker.workers, "per_worker_batch_size": per_worker_batch}
+        mlflow.log_params(params)
         mlflow.log_text(_model_summary(model), "model_summary.txt")
         epoch_logger = _epoch_logger(hyper.epochs)
         started = time.monotonic()
-        model.fit(
-            make_train_dataset(dataset.train, hyper.batch_size, hyper.seed, hyper.augment),
-            validation_data=(dataset.validation.images, dataset.validation.labels),
-            epochs=hyper.epochs,
-            callbacks=[epoch_logger],
-            shuffle=False,  # the tf.data pipeline shuffles
-            verbose=0,
-        )
+        model = _fit(model, spec, dataset, callbacks=[epoch_logger], strategy=strategy)
         train_seconds = time.monotonic() - started
 
         log.info("trained %d epochs in %.1fs; evaluating on the test set", hyper.epochs, train_seconds)
@@ -325,7 +415,11 @@ def train(options: TrainOptions, tracking_uri: str) -> TrainingResult:
             "source_run_id": run.info.run_id,
             "keras_model_uri": keras_model_uri,
             "data_digest": dataset.digest,
-            **{key: value for key, value in tags.items() if key.startswith("trainingrun.")},
+            **{
+                key: value
+                for key, value in tags.items()
+                if key in TRAININGRUN_TAGS or key == TRAININGRUN_SOURCE_TAG
+            },
         }
         for key, value in version_tags.items():
             client.set_model_version_tag(spec.registered_model, version, key, value)

@@ -12,6 +12,7 @@ from mnist_operator.config import ConfigError, OperatorConfig
 from mnist_operator.handlers import register
 from mnist_operator.kube import api_client
 from mnist_operator.leader import Elector, StandbyHealth, run_as_leader
+from mnist_operator.testing_hooks import FAILPOINT_ENV, Failpoints
 
 EXIT_CONFIG = 2
 EXIT_LOST_LEASE = 3
@@ -19,18 +20,18 @@ EXIT_LOST_LEASE = 3
 logger = logging.getLogger("mnist_operator")
 
 
-async def run(config: OperatorConfig) -> int:
+async def run(config: OperatorConfig, failpoints: Failpoints) -> int:
     registry = kopf.OperatorRegistry()
     register(registry, config)
 
     async def operate() -> None:
+        # No kopf liveness endpoint: the startup hook serves /healthz (mnist_operator.liveness).
         await kopf.operator(
             registry=registry,
-            memo=kopf.Memo(config=config),
+            memo=kopf.Memo(config=config, failpoints=failpoints),
             standalone=True,
             clusterwide=config.clusterwide,
             namespaces=list(config.namespaces),
-            liveness_endpoint=config.liveness_endpoint,
         )
 
     if not config.leader_election:
@@ -58,7 +59,7 @@ async def run(config: OperatorConfig) -> int:
         await api.close()  # type: ignore[no-untyped-call]
 
 
-ROUTINE_MESSAGES = ("Timer 'reconcile' succeeded", "Activity 'reconciler' succeeded")
+ROUTINE_MESSAGES = ("Timer 'reconcile' succeeded", "Handler 'liveness' succeeded")
 
 
 def _quiet_routine(record: logging.LogRecord) -> bool:
@@ -68,6 +69,7 @@ def _quiet_routine(record: logging.LogRecord) -> bool:
 def main() -> int:
     try:
         config = OperatorConfig.from_env()
+        failpoints = Failpoints.from_env()
     except ConfigError as error:
         print(f"mnist-operator: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -76,15 +78,16 @@ def main() -> int:
         log_format=kopf.LogFormat.JSON if config.log_json else kopf.LogFormat.PLAIN,
     )
     logging.getLogger().setLevel(config.log_level)
-    # Every reconcile tick and liveness probe would otherwise log a line; failures are still logged.
+    # Every reconcile tick and watch event would otherwise log a line; failures are still logged.
     logging.getLogger("kopf.objects").addFilter(_quiet_routine)
-    logging.getLogger("kopf.activities.probe").addFilter(_quiet_routine)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     scope = "every namespace" if config.clusterwide else ", ".join(config.namespaces)
     logger.info(
         "mnist-operator %s: watching %s; MLflow at %s", config.identity, scope, config.mlflow_tracking_uri
     )
-    return asyncio.run(run(config))
+    if failpoints.armed:
+        logger.warning("TEST-ONLY failpoint %s is armed (%s)", failpoints.armed, FAILPOINT_ENV)
+    return asyncio.run(run(config, failpoints))
 
 
 if __name__ == "__main__":

@@ -10,9 +10,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mnist_operator.config import OperatorConfig
-from training_job.cli import spec_to_args
-from training_job.spec import (
+from contract.constants import (
+    NON_RETRYABLE_EXIT_CODES,
+    WORKER_HOSTS_ENV,
+    WORKER_PORT,
+    WORKER_PORT_NAME,
+)
+from contract.spec import (
     API_GROUP,
     API_VERSION,
     KIND,
@@ -20,12 +24,19 @@ from training_job.spec import (
     REGISTERED_MODEL_LABEL,
     TrainingRunSpec,
 )
+from contract.train_command import spec_to_args
+from mnist_operator.config import OperatorConfig
 
 OPERATOR_NAME = "mnist-operator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 TRAININGRUN_LABEL = f"{API_GROUP}/trainingrun"
 TRAININGRUN_UID_ANNOTATION = f"{API_GROUP}/trainingrun-uid"
 JOB_SUFFIX = "-train"
+WORKERS_SERVICE_SUFFIX = "-workers"
+# The label Kueue admits a suspended Job by (its LocalQueue in the Job's namespace).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Set by the Job controller on every pod of a Job; the workers' headless Service selects by it.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 CONTAINER_NAME = "train"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # The serving setting (serving/settings.py) a rollout pins to the promoted version.
@@ -35,14 +46,41 @@ RUN_AS_USER = 10001
 # Inside the pod: the emptyDir mount that makes a read-only root filesystem workable.
 SCRATCH_DIR = "/tmp"  # noqa: S108
 
-# Exit codes of `python -m training_job` (training_job/__main__.py) that no retry can fix: a usage
-# error, unreadable training data, an ONNX export that disagrees with Keras. The Job fails at once
-# instead of burning its backoffLimit. EXIT_TRACKING_UNAVAILABLE (3) is retried: MLflow may come back.
-NON_RETRYABLE_EXIT_CODES = (2, 4, 5)
-
 
 def job_name(trainingrun_name: str) -> str:
     return f"{trainingrun_name}{JOB_SUFFIX}"
+
+
+def workers_service_name(trainingrun_name: str) -> str:
+    return f"{trainingrun_name}{WORKERS_SERVICE_SUFFIX}"
+
+
+def worker_hosts(trainingrun_name: str, workers: int) -> list[str]:
+    """Each worker's stable address: an Indexed Job's pod `<job>-<i>` is `<job>-<i>.<service>` in DNS
+    once its template names the headless Service as `subdomain`; worker 0 first."""
+    job, service = job_name(trainingrun_name), workers_service_name(trainingrun_name)
+    return [f"{job}-{index}.{service}:{WORKER_PORT}" for index in range(workers)]
+
+
+def build_workers_service(*, name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The headless Service that gives a multi-worker Job's pods their DNS names. Not-ready addresses
+    are published: the workers must find each other before any of them is ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": workers_service_name(name),
+            "namespace": namespace,
+            "labels": training_labels(name),
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_NAME_LABEL: job_name(name)},
+            "ports": [{"name": WORKER_PORT_NAME, "port": WORKER_PORT, "targetPort": WORKER_PORT}],
+        },
+    }
 
 
 def owner_reference(name: str, uid: str) -> dict[str, Any]:
@@ -123,7 +161,7 @@ def build_job_spec(
     ]
     env: list[dict[str, Any]] = [
         {"name": "MLFLOW_TRACKING_URI", "value": config.mlflow_tracking_uri},
-        # Mirrors terminationMessagePath for the process (training_job.result reads it).
+        # Mirrors terminationMessagePath for the process (contract.result reads it).
         {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_MESSAGE_PATH},
         # The root filesystem is read-only: every cache goes to the /tmp emptyDir.
         {"name": "HOME", "value": SCRATCH_DIR},
@@ -175,11 +213,13 @@ def build_job_spec(
         pod_spec["imagePullSecrets"] = [{"name": name} for name in config.training_image_pull_secrets]
     if GPU_RESOURCE in resources["limits"]:
         pod_spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    if spec.priority_class_name:
+        pod_spec["priorityClassName"] = spec.priority_class_name
     job_spec: dict[str, Any] = {
         "backoffLimit": spec.backoff_limit,
         "activeDeadlineSeconds": spec.active_deadline_seconds,
-        "completions": 1,
-        "parallelism": 1,
+        "completions": spec.workers,
+        "parallelism": spec.workers,
         # A replacement pod starts only once the failed one is gone: never two runs logging at once.
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": {
@@ -200,13 +240,32 @@ def build_job_spec(
     }
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    if spec.workers > 1:
+        # One pod per worker, each knowing its index (JOB_COMPLETION_INDEX) and every worker's address:
+        # what the training process turns into TF_CONFIG. A failed worker fails the whole Job, since
+        # the collective all-reduce cannot continue without it (podFailurePolicy above already fails
+        # it on the non-retryable codes; backoffLimitPerIndex 0 makes any other failure final too).
+        job_spec["completionMode"] = "Indexed"
+        job_spec["backoffLimitPerIndex"] = 0
+        job_spec["maxFailedIndexes"] = 0
+        del job_spec["backoffLimit"]
+        pod_spec["subdomain"] = workers_service_name(name)
+        pod_spec["containers"][0]["env"].append(
+            {"name": WORKER_HOSTS_ENV, "value": ",".join(worker_hosts(name, spec.workers))}
+        )
+        pod_spec["containers"][0]["ports"] = [{"name": WORKER_PORT_NAME, "containerPort": WORKER_PORT}]
+    job_labels = dict(labels)
+    if spec.queue_name:
+        # Kueue admits the Job by unsuspending it; created running, it would start before admission.
+        job_spec["suspend"] = True
+        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": job_name(name),
             "namespace": namespace,
-            "labels": labels,
+            "labels": job_labels,
             "annotations": {TRAININGRUN_UID_ANNOTATION: uid},
             "ownerReferences": [owner_reference(name, uid)],
         },

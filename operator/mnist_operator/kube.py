@@ -75,6 +75,20 @@ class Kube:
             raise
         return dict(self._plain(job))
 
+    async def create_service(self, service: Mapping[str, Any]) -> None:
+        """Creates a Service; one that exists already (an earlier attempt's) is left as it is."""
+        namespace = str(service["metadata"]["namespace"])
+        try:
+            await self.core.create_namespaced_service(
+                namespace,
+                client.V1Service.model_validate(service),
+                field_manager=FIELD_MANAGER,
+                _request_timeout=REQUEST_TIMEOUT_SECONDS,
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
     async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         pods = await self.core.list_namespaced_pod(
             namespace, label_selector=label_selector, _request_timeout=REQUEST_TIMEOUT_SECONDS

@@ -12,16 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from training_job.policy import decide
-from training_job.registry import AliasMove, alias_version, promote, rollback, version_metrics
-from training_job.spec import CHAMPION_ALIAS, PREVIOUS_ALIAS, PromotionPolicySpec
+from contract import promotion
+from contract.constants import TRAININGRUN_UID_TAG
+from contract.promotion import PromotionOutcome
+from contract.registry import AliasMove, alias_version
+from contract.spec import CHAMPION_ALIAS, PromotionPolicySpec
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 T = TypeVar("T")
 
-PROMOTED_TAG = "promoted"
 # MLflow error codes that mean "not now" rather than "never": the server or its database is down.
 TRANSIENT_ERROR_CODES = frozenset(
     {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
@@ -84,7 +85,7 @@ def read_progress(client: MlflowClient, experiment: str, trainingrun_uid: str) -
             return None
         runs = client.search_runs(
             [found.experiment_id],
-            filter_string=f"tags.`trainingrun.uid` = '{trainingrun_uid}'",
+            filter_string=f"tags.`{TRAININGRUN_UID_TAG}` = '{trainingrun_uid}'",
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )
@@ -97,43 +98,10 @@ def read_progress(client: MlflowClient, experiment: str, trainingrun_uid: str) -
     return guarded(read)
 
 
-@dataclass(frozen=True)
-class PromotionOutcome:
-    promoted: bool
-    reason: str
-    champion_version: str | None
-    move: AliasMove | None
-    resumed: bool = False
-
-
 def evaluate_and_promote(
     client: MlflowClient, model: str, version: str, policy: PromotionPolicySpec
 ) -> PromotionOutcome:
-    """Applies the policy to `version` against the current champion and, if it wins, moves the aliases.
-
-    Safe to repeat: if the registry shows this version was already promoted (the operator died
-    between moving the alias and recording it), the decision is re-derived against the champion it
-    replaced, now aliased `previous`, instead of against itself.
-    """
-
-    def run() -> PromotionOutcome:
-        candidate = version_metrics(client, model, version)
-        tags = client.get_model_version(model, version).tags or {}
-        champion = alias_version(client, model, CHAMPION_ALIAS)
-        if champion == version or tags.get(PROMOTED_TAG) in {"true", "rolled-back"}:
-            replaced = alias_version(client, model, PREVIOUS_ALIAS) if champion == version else None
-            compared = version_metrics(client, model, replaced) if replaced else None
-            decision = decide(candidate, compared, policy)
-            move = AliasMove(model, version, replaced) if champion == version else None
-            note = "" if champion == version else f"; since replaced as champion by version {champion}"
-            return PromotionOutcome(True, decision.reason + note, replaced, move, resumed=True)
-        champion_metrics = version_metrics(client, model, champion) if champion else None
-        decision = decide(candidate, champion_metrics, policy)
-        if not decision.promote:
-            return PromotionOutcome(False, decision.reason, champion, None)
-        return PromotionOutcome(True, decision.reason, champion, promote(client, model, version))
-
-    return guarded(run)
+    return guarded(lambda: promotion.evaluate_and_promote(client, model, version, policy))
 
 
 def champion_version(client: MlflowClient, model: str) -> str | None:
@@ -142,14 +110,4 @@ def champion_version(client: MlflowClient, model: str) -> str | None:
 
 def restore_champion(client: MlflowClient, move: AliasMove) -> bool:
     """Undoes a promotion if the alias still names its version; a later promotion is left alone."""
-
-    def run() -> bool:
-        if alias_version(client, move.model, CHAMPION_ALIAS) != move.new_version:
-            return False
-        rollback(client, move)
-        if move.replaced_version is not None:
-            # `previous` named the replaced version; after the rollback it is the champion again.
-            client.delete_registered_model_alias(move.model, PREVIOUS_ALIAS)
-        return True
-
-    return guarded(run)
+    return guarded(lambda: promotion.restore_champion(client, move))

@@ -1,0 +1,175 @@
+"""REST adapter for the Open Inference Protocol (KServe v2), so KServe and Triton clients work unchanged.
+
+Every model route exists unversioned and under `/versions/{version}`; one handler serves both paths
+(the version, when present, must be the served one). The tensor encoding is `serving.codec`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serving import __version__, codec, context
+from serving.dataplane import DataPlane
+from serving.model import NUM_CLASSES
+from serving.rest.http import (
+    ERROR_RESPONSES,
+    RawRoute,
+    Responses,
+    json_body_spec,
+    json_response,
+    path_parameters,
+    require_json,
+    run,
+)
+from serving.schemas import (
+    ErrorResponse,
+    V2InferenceRequest,
+    V2InferenceResponse,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+    V2TensorMetadata,
+)
+
+PREFIX = "/v2"
+SERVER_NAME = "mnist-serving"
+TAG = "open inference protocol (v2)"
+NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "No such model or version."}}
+NOT_READY: Responses = {503: {"model": ErrorResponse, "description": "Not ready."}}
+# FastAPI documents the path parameters a handler declares; `version` is read from the path instead
+# (the unversioned path has none, and a declared optional one would become a query parameter).
+_VERSION_PARAMETER = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "schema": {"title": "Version", "type": "string"},
+}
+
+
+def _version(request: Request) -> str | None:
+    version: str | None = request.path_params.get("version")
+    return version
+
+
+def register(router: APIRouter, dataplane: DataPlane) -> None:
+    limits = codec.Limits.from_settings(dataplane.settings)
+    inline_max_bytes = dataplane.settings.inline_max_bytes
+
+    async def server_metadata() -> V2ServerMetadata:
+        return V2ServerMetadata(name=SERVER_NAME, version=__version__, extensions=[])
+
+    async def server_live() -> V2Live:
+        return V2Live(live=True)
+
+    async def server_ready() -> Response:
+        ready = dataplane.ready
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    async def model_metadata(request: Request, name: str) -> V2ModelMetadata:
+        dataplane.check_name(name, _version(request))
+        model = dataplane.require_model()
+        return V2ModelMetadata(
+            name=dataplane.name,
+            versions=[dataplane.version] if dataplane.version else [],
+            platform="onnxruntime_onnx",
+            inputs=[V2TensorMetadata(name=model.input_name, datatype="FP32", shape=[-1, *model.input_shape])],
+            outputs=[
+                V2TensorMetadata(name=model.output_name, datatype="FP32", shape=[-1, NUM_CLASSES]),
+                V2TensorMetadata(name=codec.DIGIT_OUTPUT, datatype="INT64", shape=[-1]),
+            ],
+        )
+
+    async def model_ready(request: Request, name: str) -> Response:
+        dataplane.check_name(name, _version(request))
+        ready = dataplane.ready
+        return json_response({"name": dataplane.name, "ready": ready}, 200 if ready else 503)
+
+    async def model_infer(request: Request) -> Response:
+        params = request.path_params
+        dataplane.check_name(params["name"], params.get("version"))
+        body = await request.body()
+        require_json(request)
+        ctx = context.current()
+
+        def work() -> dict[str, Any]:
+            parsed = V2InferenceRequest.model_validate_json(body)
+            model = dataplane.require_model()
+            batch = codec.decode_v2_input(parsed.inputs[0], model.input_name, limits)
+            result = dataplane.infer(batch, "v2_infer", ctx.started)
+            requested = [output.name for output in parsed.outputs or ()]
+            return {
+                "model_name": dataplane.name,
+                "model_version": dataplane.version,
+                "id": parsed.id if parsed.id is not None else ctx.request_id,
+                "outputs": codec.encode_v2_outputs(result, requested, model.output_name),
+            }
+
+        return json_response(await run(body, inline_max_bytes, work))
+
+    def get(path: str, endpoint: Callable[..., Any], name: str, summary: str, **kwargs: Any) -> None:
+        router.add_api_route(
+            PREFIX + path, endpoint, methods=["GET"], name=name, summary=summary, tags=[TAG], **kwargs
+        )
+
+    def post_infer(path: str, name: str, summary: str, parameters: list[dict[str, Any]]) -> None:
+        router.add_api_route(
+            PREFIX + path,
+            model_infer,
+            methods=["POST"],
+            route_class_override=RawRoute,
+            name=name,
+            summary=summary,
+            tags=[TAG],
+            response_model=V2InferenceResponse,
+            responses={**ERROR_RESPONSES, **NOT_FOUND},
+            openapi_extra={**json_body_spec("V2InferenceRequest"), "parameters": parameters},
+        )
+
+    # Each path keeps its own route name: the names are the OpenAPI operation ids' stems.
+    metadata: dict[str, Any] = {"response_model": V2ModelMetadata, "responses": {**NOT_FOUND, **NOT_READY}}
+    ready: dict[str, Any] = {
+        "response_model": V2ModelReady,
+        "responses": {**NOT_FOUND, 503: {"model": V2ModelReady}},
+    }
+    versioned = {"parameters": [_VERSION_PARAMETER]}
+    get("", server_metadata, "server_metadata", "Server metadata", response_model=V2ServerMetadata)
+    get("/health/live", server_live, "server_live", "Server live", response_model=V2Live)
+    get(
+        "/health/ready",
+        server_ready,
+        "server_ready",
+        "Server ready",
+        response_model=V2Ready,
+        responses={503: {"model": V2Ready}},
+    )
+    get("/models/{name}", model_metadata, "model_metadata", "Model metadata", **metadata)
+    get(
+        "/models/{name}/versions/{version}",
+        model_metadata,
+        "model_version_metadata",
+        "Model version metadata",
+        openapi_extra=versioned,
+        **metadata,
+    )
+    get("/models/{name}/ready", model_ready, "model_ready", "Model ready", **ready)
+    get(
+        "/models/{name}/versions/{version}/ready",
+        model_ready,
+        "model_version_ready",
+        "Model version ready",
+        openapi_extra=versioned,
+        **ready,
+    )
+    post_infer("/models/{name}/infer", "model_infer", "Inference", path_parameters("name"))
+    post_infer(
+        "/models/{name}/versions/{version}/infer",
+        "model_version_infer",
+        "Inference on a given version",
+        path_parameters("name", "version"),
+    )

@@ -1,0 +1,705 @@
+"""The end-to-end tier: the platform's own walk-through on a real node (tests/fixtures_node.py).
+
+`helm install` the real chart into a restricted namespace, `kubectl apply` the seed's TrainingRuns
+(scaled down through spec fields), and watch real pods train, register, promote and serve; then a
+real Prometheus finds the serving pods, metrics-server feeds the HPA, `helm test`, faults on real
+pods, `helm upgrade` to a newer MLflow image and `helm uninstall`. The tests run in file order and
+share one installation: each step builds on the state the previous one left.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from local_mode.processes import wait_until
+from testing.kubectl import kubectl
+from testing.node import NodeCluster
+from testing.prometheus import Prometheus, scrape_job
+from testing.upstream import prometheus_operator_crds
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CHART = REPO_ROOT / "charts" / "mnist-mlops"
+TRAININGRUNS = REPO_ROOT / "manifests" / "trainingruns"
+SAMPLE_DIGIT = json.loads((REPO_ROOT / "manifests" / "sample-digit.json").read_text())
+
+NAMESPACE = "mnist-e2e"
+RELEASE = "mnist-mlops"
+STORAGE_CLASS = "local-e2e"
+MODEL = "mnist-cnn"
+# Scaled down through spec fields so that four real training pods finish in minutes on 2 cores.
+EPOCHS = 1
+MAX_TRAIN_SAMPLES = 2000
+# A floor every briefly trained model clears: the gate then decides by beating the champion.
+PROMOTION_MINIMUM = 0.5
+FINAL_PHASES = {"Promoted", "Rejected", "RolledBack", "Failed"}
+TRAINING_TIMEOUT_SECONDS = 900.0
+
+
+def _repository_and_tag(ref: str) -> tuple[str, str]:
+    repository, _, tag = ref.rpartition(":")
+    return repository, tag
+
+
+@dataclass
+class Platform:
+    cluster: NodeCluster
+
+    def kubectl(self, *args: str, timeout: float = 120.0, input_text: str | None = None) -> str:
+        return self.cluster.kubectl("-n", NAMESPACE, *args, timeout=timeout, input_text=input_text)
+
+    def try_kubectl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """kubectl whose failure is the expected outcome: the caller reads its exit code and stderr."""
+        return kubectl(self.cluster.plane, "-n", NAMESPACE, *args)
+
+    def get(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+    def helm(
+        self, *args: str, timeout: float = 600.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(self.cluster.plane.helm_path), *args, "--namespace", NAMESPACE],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.cluster.env(),
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def service_url(self, component: str) -> str:
+        service = self.get("service", f"{RELEASE}-{component}")
+        return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+
+    def trainingrun(self, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = self.get("trainingrun", name)
+        return found
+
+    def mlflow_get(self, path: str, params: dict[str, str]) -> httpx.Response:
+        """GET from MLflow through its Service, naming it as pods do: MLflow refuses Host headers
+        other than its Service names (DNS-rebinding protection)."""
+        service = self.get("service", f"{RELEASE}-mlflow")
+        port = service["spec"]["ports"][0]["port"]
+        return httpx.get(
+            f"http://{service['spec']['clusterIP']}:{port}{path}",
+            params=params,
+            headers={"Host": f"{RELEASE}-mlflow.{NAMESPACE}.svc:{port}"},
+            timeout=10,
+        )
+
+    def champion_version(self) -> str:
+        response = self.mlflow_get(
+            "/api/2.0/mlflow/registered-models/alias", {"name": MODEL, "alias": "champion"}
+        )
+        assert response.status_code == 200, response.text
+        return str(response.json()["model_version"]["version"])
+
+    def serving_model_uri(self) -> str:
+        """The model URI the serving Deployment's pod template names."""
+        template = self.get("deployment", f"{RELEASE}-serving")["spec"]["template"]
+        env = {item["name"]: item.get("value") for item in template["spec"]["containers"][0].get("env", [])}
+        return str(env["SERVING_MODEL_URI"])
+
+    def champion_if_from_run(self, run_id: str) -> str | None:
+        """The champion's version if the MLflow run `run_id` registered it, else None."""
+        response = self.mlflow_get(
+            "/api/2.0/mlflow/registered-models/alias", {"name": MODEL, "alias": "champion"}
+        )
+        if response.status_code != 200:
+            return None
+        version = response.json()["model_version"]
+        return str(version["version"]) if version.get("run_id") == run_id else None
+
+    def rollout_status(self, deployment: str, timeout: int = 300) -> None:
+        self.kubectl(
+            "rollout", "status", f"deployment/{deployment}", f"--timeout={timeout}s", timeout=timeout + 30
+        )
+
+    def diagnostics(self) -> str:
+        """What a person would look at first when a step fails."""
+        parts = []
+        for args in (
+            ("get", "pods,jobs,trainingruns,deployments", "-o", "wide"),
+            ("get", "events", "--sort-by=.lastTimestamp"),
+        ):
+            try:
+                parts.append(self.kubectl(*args))
+            except Exception as exc:  # diagnostics must never mask the failure being reported
+                parts.append(f"<{' '.join(args)}: {exc}>")
+        return "\n".join(parts)[-8000:]
+
+
+def helm_values(images: dict[str, str], mlflow_ref: str) -> dict[str, Any]:
+    operator_repo, operator_tag = _repository_and_tag(images["operator"])
+    training_repo, training_tag = _repository_and_tag(images["training"])
+    serving_repo, serving_tag = _repository_and_tag(images["serving"])
+    mlflow_repo, mlflow_tag = _repository_and_tag(mlflow_ref)
+    return {
+        "operator": {
+            "image": {"repository": operator_repo, "tag": operator_tag},
+            "training": {
+                "image": {"repository": training_repo, "tag": training_tag},
+                # Two cores in all: four training pods queue rather than all start at once.
+                "defaultResources": {"cpu": "500m", "memory": "3Gi"},
+            },
+            "progressIntervalSeconds": 5,
+            "rolloutTimeoutSeconds": 300,
+        },
+        "serving": {
+            "image": {"repository": serving_repo, "tag": serving_tag},
+            # Short windows so the scale-up and scale-down test takes minutes, not the defaults' five.
+            "autoscaling": {
+                "enabled": True,
+                "minReplicas": 2,
+                "maxReplicas": 3,
+                "behavior": {
+                    "scaleUp": {"stabilizationWindowSeconds": 0},
+                    "scaleDown": {"stabilizationWindowSeconds": 20},
+                },
+            },
+            "resources": {"requests": {"cpu": "50m", "memory": "192Mi"}},
+        },
+        "mlflow": {
+            "image": {"repository": mlflow_repo, "tag": mlflow_tag, "extrasSuffix": ""},
+            "workers": 1,
+            "persistence": {"storageClass": STORAGE_CLASS, "size": "2Gi"},
+            "resources": {"requests": {"cpu": "50m", "memory": "384Mi"}},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def platform(node_cluster: NodeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    cluster = node_cluster
+    home = tmp_path_factory.mktemp("helm")
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    cluster.kubectl(
+        "label", "namespace", NAMESPACE,
+        "pod-security.kubernetes.io/enforce=restricted", "pod-security.kubernetes.io/warn=restricted",
+    )  # fmt: skip
+    # The real prometheus-operator CRDs, so the chart's ServiceMonitor and PrometheusRule install.
+    for crd in prometheus_operator_crds():
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    cluster.local_volume("mlflow-e2e", "2Gi", STORAGE_CLASS)
+    values = home / "values.yaml"
+    values.write_text(yaml.safe_dump(helm_values(cluster.images, cluster.images["mlflow_previous"])))
+    found = Platform(cluster=cluster)
+    found.helm("install", RELEASE, str(CHART), "-f", str(values))
+    try:
+        yield found
+    finally:
+        found.helm("uninstall", RELEASE, "--wait", "--timeout", "3m", check=False)
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", "--ignore-not-found")
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_platform_pods_run_restricted_on_the_real_kubelet(platform: Platform) -> None:
+    try:
+        platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+        platform.rollout_status(f"{RELEASE}-operator", timeout=180)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+    namespace = platform.cluster.get_json("namespace", NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for component in ("mlflow", "operator"):
+        pods = platform.get("pods", "-l", f"app.kubernetes.io/component={component}")["items"]
+        assert pods and all(_ready(pod) for pod in pods), f"{component}: {pods}"
+        deployment = f"deployment/{RELEASE}-{component}"
+        # The kubelet ran the container as the images' user, on a read-only root filesystem.
+        assert platform.kubectl("exec", deployment, "--", "id", "-u").strip() == "10001"
+        denied = platform.try_kubectl("exec", deployment, "--", "touch", "/opt/written")
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
+    # MLflow's claim is bound to the local PersistentVolume on the node.
+    claim = platform.get("pvc", "-l", "app.kubernetes.io/component=mlflow")["items"][0]
+    assert claim["status"]["phase"] == "Bound" and claim["spec"]["volumeName"] == "mlflow-e2e"
+
+
+def test_cluster_dns_resolves_the_charts_service_names(platform: Platform) -> None:
+    script = (
+        "import socket; "
+        f"print(socket.gethostbyname('{RELEASE}-mlflow'), "
+        f"socket.gethostbyname('{RELEASE}-mlflow.{NAMESPACE}.svc.cluster.local'))"
+    )
+    out = platform.kubectl("exec", f"deployment/{RELEASE}-operator", "--", "python", "-c", script).split()
+    mlflow_ip = platform.get("service", f"{RELEASE}-mlflow")["spec"]["clusterIP"]
+    assert out == [mlflow_ip, mlflow_ip]
+
+
+def _scaled_trainingruns() -> list[dict[str, Any]]:
+    runs = []
+    for path in sorted(TRAININGRUNS.glob("*.yaml")):
+        run = yaml.safe_load(path.read_text())
+        run["spec"]["hyperparameters"]["epochs"] = EPOCHS
+        run["spec"]["maxTrainSamples"] = MAX_TRAIN_SAMPLES
+        run["spec"]["promotion"]["minimum"] = PROMOTION_MINIMUM
+        runs.append(run)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def trained(platform: Platform) -> dict[str, dict[str, Any]]:
+    """Applies the four seed TrainingRuns and waits for each to reach a final phase."""
+    runs = _scaled_trainingruns()
+    platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(runs))
+    names = [run["metadata"]["name"] for run in runs]
+
+    def all_final() -> dict[str, dict[str, Any]] | None:
+        found = {name: platform.trainingrun(name) for name in names}
+        if all(run.get("status", {}).get("phase") in FINAL_PHASES for run in found.values()):
+            return found
+        return None
+
+    try:
+        final: dict[str, dict[str, Any]] = wait_until(
+            all_final, TRAINING_TIMEOUT_SECONDS, "every TrainingRun to finish", interval=5
+        )
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+    return final
+
+
+def test_trainingruns_train_in_real_pods_and_the_gate_decides(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    phases = {name: run["status"]["phase"] for name, run in trained.items()}
+    assert "Failed" not in phases.values(), f"{phases}\n{platform.diagnostics()}"
+    assert "Promoted" in phases.values(), phases
+    for name, run in trained.items():
+        status = run["status"]
+        assert status.get("modelVersion"), f"{name} registered no version: {status}"
+        # The Job's pod really ran the training image on the node.
+        pods = platform.get("pods", "-l", f"job-name={status['jobName']}")["items"]
+        assert any(pod["status"]["phase"] == "Succeeded" for pod in pods), f"{name}: {pods}"
+        assert pods[0]["spec"]["containers"][0]["image"].endswith(
+            _repository_and_tag(platform.cluster.images["training"])[1]
+        )
+
+
+def test_serving_pods_serve_the_pinned_champion(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    champion = platform.champion_version()
+    deployment_name = f"{RELEASE}-serving"
+    try:
+        platform.rollout_status(deployment_name, timeout=300)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+    # The pod template names the exact version, so the rollout history is the model's history.
+    assert platform.serving_model_uri() == f"models:/{MODEL}/{champion}"
+    url = platform.service_url("serving")
+    answers = set()
+    for _ in range(10):
+        response = httpx.post(f"{url}/predict", json=SAMPLE_DIGIT, timeout=10)
+        assert response.status_code == 200, response.text
+        answers.add((response.headers["X-Model-Version"], response.json()["digit"]))
+    assert {version for version, _ in answers} == {champion}
+
+
+def test_prometheus_discovers_serving_pods_through_the_api(
+    platform: Platform, trained: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    monitor = platform.get("servicemonitor", f"{RELEASE}-serving")
+    prometheus = Prometheus(
+        [scrape_job(monitor, platform.cluster.kubeconfig_path, interval="2s")],
+        tmp_path,
+        binary=platform.cluster.plane.bin_dir / "prometheus",
+    )
+    try:
+        serving_pods = {pod["metadata"]["name"] for pod in platform.get(
+            "pods", "-l", "app.kubernetes.io/component=serving")["items"] if _ready(pod)}  # fmt: skip
+
+        def every_pod_up() -> bool:
+            up = prometheus.query(f'up{{namespace="{NAMESPACE}", job="{RELEASE}-serving"}}')
+            return {s["metric"]["pod"] for s in up if s["value"][1] == "1"} >= serving_pods
+
+        wait_until(every_pod_up, 60, f"Prometheus to scrape {serving_pods}", interval=1)
+        total = f'sum(mnist_predictions_total{{namespace="{NAMESPACE}"}})'
+        before = float(prometheus.query(total)[0]["value"][1])
+        url = platform.service_url("serving")
+        for _ in range(20):
+            assert httpx.post(f"{url}/predict", json=SAMPLE_DIGIT, timeout=10).status_code == 200
+
+        def risen_by_all_twenty() -> bool:
+            samples = prometheus.query(total)
+            return bool(samples) and float(samples[0]["value"][1]) - before >= 20
+
+        wait_until(risen_by_all_twenty, 30, "mnist_predictions_total to rise by the 20 predictions", 1)
+        labelled = prometheus.query(f'mnist_model_ready{{namespace="{NAMESPACE}"}}')
+        champion = platform.champion_version()
+        assert labelled and all(s["metric"].get("model_version") == champion for s in labelled), labelled
+        assert all(s["metric"].get("registered_model") == MODEL for s in labelled), labelled
+    finally:
+        prometheus.stop()
+
+
+def test_metrics_server_feeds_the_hpa(platform: Platform, trained: dict[str, dict[str, Any]]) -> None:
+    def cpu_seen() -> dict[str, Any] | None:
+        hpa = platform.get("hpa", f"{RELEASE}-serving")
+        for metric in hpa.get("status", {}).get("currentMetrics") or []:
+            if metric.get("resource", {}).get("name") == "cpu":
+                found: dict[str, Any] = metric
+                return found
+        return None
+
+    metric = wait_until(cpu_seen, 150, "the HPA to read the serving pods' CPU", interval=5)
+    assert "averageUtilization" in metric["resource"]["current"], metric
+    top = platform.kubectl("top", "pods", "-l", "app.kubernetes.io/component=serving", "--no-headers")
+    assert len(top.strip().splitlines()) >= 2, top
+
+
+def test_the_cpu_hpa_scales_serving_up_under_load_and_back_down(
+    platform: Platform, trained: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    deployment = f"{RELEASE}-serving"
+
+    def replicas() -> int:
+        return int(platform.get("deployment", deployment)["spec"]["replicas"])
+
+    def hpa_status() -> str:
+        return json.dumps(platform.get("hpa", deployment).get("status", {}))
+
+    baseline = replicas()
+    assert baseline == 2, f"the HPA's minimum, before any load: {baseline}"
+    body = tmp_path / "digit.json"
+    body.write_text(json.dumps(SAMPLE_DIGIT))
+    url = platform.service_url("serving")
+    started = time.monotonic()
+    result: dict[str, dict[str, float]] = {}
+    load = threading.Thread(target=lambda: result.update(load=_wrk(url, 120, body, connections=8)))
+    load.start()
+    try:
+        wait_until(lambda: replicas() > baseline, 110, "the HPA to add a serving pod under load", interval=3)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\nHPA status: {hpa_status()}") from exc
+    scaled_up = time.monotonic() - started
+    load.join(timeout=200)
+    assert result["load"]["requests"] > 1000, result
+    stopped = time.monotonic()
+    try:
+        wait_until(
+            lambda: replicas() == baseline, 240, "the HPA to scale back down after the load", interval=5
+        )
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\nHPA status: {hpa_status()}") from exc
+    print(
+        f"\nHPA: up to {platform.get('hpa', deployment)['status'].get('desiredReplicas')} pods"
+        f" {scaled_up:.0f} s into the load, back to {baseline} {time.monotonic() - stopped:.0f} s after it"
+    )
+    platform.rollout_status(deployment, timeout=180)
+
+
+def test_helm_test_passes(platform: Platform, trained: dict[str, dict[str, Any]]) -> None:
+    result = platform.helm("test", RELEASE, "--timeout", "3m", check=False)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{platform.diagnostics()}"
+    assert "Phase:          Succeeded" in result.stdout, result.stdout
+
+
+def _wrk(url: str, seconds: int, body: Path, connections: int = 4) -> dict[str, float]:
+    """wrk with one thread and `connections` connections POSTing the sample digit; counts what failed."""
+    script = body.parent / "post.lua"
+    # Read from the file: the digit's nested JSON arrays end in "]]", which would close a Lua
+    # long string literal early.
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'local body = io.open("{body}"):read("*a")\n'
+        "wrk.body = body\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    wrk = shutil.which("wrk")
+    assert wrk, "wrk is missing (scripts/install-system-deps.sh)"
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
+         f"{url}/predict"],
+        capture_output=True, text=True, timeout=seconds + 60, check=True,
+    ).stdout  # fmt: skip
+    requests = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = sum(int(n) for n in errors.groups()) if errors else 0
+    return {"requests": requests, "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
+            "socket_errors": float(socket_errors)}  # fmt: skip
+
+
+def test_fault_serving_pod_deleted_under_load(
+    platform: Platform, trained: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    body = tmp_path / "digit.json"
+    body.write_text(json.dumps(SAMPLE_DIGIT))
+    url = platform.service_url("serving")
+    pods = [
+        p["metadata"]["name"]
+        for p in platform.get("pods", "-l", "app.kubernetes.io/component=serving")["items"]
+    ]
+    assert len(pods) >= 2, pods
+    result: dict[str, dict[str, float]] = {}
+    load = threading.Thread(target=lambda: result.update(load=_wrk(url, 20, body)))
+    load.start()
+    time.sleep(5)
+    platform.kubectl("delete", "pod", pods[0], "--wait=false")
+    load.join(timeout=90)
+    outcome = result["load"]
+    failed = outcome["non_2xx"] + outcome["socket_errors"]
+    print(f"\nserving pod deleted under load: {outcome}")
+    assert outcome["requests"] > 100, outcome
+    # The PDB keeps one pod serving and readiness takes the deleted one out of the Service; a
+    # request in flight on a closing keep-alive connection is what may still fail.
+    assert failed <= 0.01 * outcome["requests"], outcome
+    platform.rollout_status(f"{RELEASE}-serving", timeout=180)
+
+
+def _final(platform: Platform, name: str, timeout: float = TRAINING_TIMEOUT_SECONDS) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        run = platform.trainingrun(name)
+        return run if run.get("status", {}).get("phase") in FINAL_PHASES else None
+
+    try:
+        found: dict[str, Any] = wait_until(final, timeout, f"TrainingRun {name} to finish", interval=3)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+    return found
+
+
+def _fault_run(name: str, epochs: int) -> dict[str, Any]:
+    """A baseline run that is promoted whatever the champion scores (the gate is not under test)."""
+    return {
+        "apiVersion": "mnist-mlops.io/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": name},
+        "spec": {
+            "architecture": "baseline",
+            "hyperparameters": {"epochs": epochs},
+            "maxTrainSamples": MAX_TRAIN_SAMPLES,
+            "registeredModel": MODEL,
+            "promotion": {"metric": "test_accuracy", "minimum": PROMOTION_MINIMUM, "mustBeatChampion": False},
+        },
+    }
+
+
+def _model_version_exists(platform: Platform, version: str) -> bool:
+    response = platform.mlflow_get("/api/2.0/mlflow/model-versions/get", {"name": MODEL, "version": version})
+    return response.status_code == 200
+
+
+def _versions(platform: Platform) -> set[str]:
+    response = platform.mlflow_get("/api/2.0/mlflow/model-versions/search", {"filter": f"name='{MODEL}'"})
+    assert response.status_code == 200, response.text
+    return {str(version["version"]) for version in response.json().get("model_versions", [])}
+
+
+def test_two_workers_train_in_two_real_pods_and_register_one_version(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    name = "two-workers"
+    run = _fault_run(name, epochs=1)
+    run["spec"]["workers"] = 2
+    run["spec"]["hyperparameters"]["batchSize"] = 64
+    # Judged but never promoted, so the serving pods later tests look at stay as they are.
+    run["spec"]["promotion"] = {"minimum": 0.999}
+    before = _versions(platform)
+    platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(run))
+    final = _final(platform, name)
+    status = final["status"]
+    assert status["phase"] == "Rejected", f"{status}\n{platform.diagnostics()}"
+    pods = platform.get("pods", "-l", f"job-name={status['jobName']}")["items"]
+    indexes = sorted(
+        pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for pod in pods
+    )
+    assert indexes == ["0", "1"], pods
+    assert all(pod["status"]["phase"] == "Succeeded" for pod in pods), [p["status"] for p in pods]
+    # The workers found each other through the headless Service's DNS names.
+    assert platform.get("service", f"{name}-workers")["spec"]["clusterIP"] == "None"
+    added = _versions(platform) - before
+    assert added == {status["modelVersion"]}, f"exactly one version, from worker 0: {added}"
+
+
+def test_fault_mlflow_pod_killed_while_a_job_trains(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    name = "fault-mlflow"
+    platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(_fault_run(name, epochs=3)))
+    # Killed once the run logs to MLflow: its MLflow run exists and epochs are being reported.
+    wait_until(
+        lambda: platform.trainingrun(name).get("status", {}).get("mlflowRunId"),
+        TRAINING_TIMEOUT_SECONDS,
+        "the training pod to start its MLflow run",
+        interval=1,
+    )
+    killed = platform.get("pods", "-l", "app.kubernetes.io/component=mlflow")["items"][0]["metadata"]["name"]
+    platform.kubectl("delete", "pod", killed, "--grace-period=0", "--force")
+    run = _final(platform, name)
+    status = run["status"]
+    job = platform.get("job", status["jobName"])
+    failures = job["status"].get("failed", 0)
+    print(f"\nMLflow killed during training: phase {status['phase']}, failed Job pods {failures}")
+    if status["phase"] == "Failed":
+        # Reported, with the reason: not silently lost.
+        assert status.get("message"), status
+    else:
+        assert status["phase"] in {"Promoted", "RolledBack"}, status
+        assert _model_version_exists(platform, status["modelVersion"]), status
+    platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+
+
+FREEZE_POLICY = "e2e-hold-serving-template"
+
+
+def _hold_serving_template() -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy that refuses changes to the serving pod template: the window
+    between the alias move and the rollout, held open so the operator can be killed inside it."""
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": FREEZE_POLICY},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["apps"],
+                            "apiVersions": ["v1"],
+                            "operations": ["UPDATE"],
+                            "resources": ["deployments"],
+                        }
+                    ]
+                },
+                "matchConditions": [
+                    {"name": "serving", "expression": f"object.metadata.name == '{RELEASE}-serving'"}
+                ],
+                "validations": [
+                    {
+                        "expression": "object.spec.template == oldObject.spec.template",
+                        "message": "the end-to-end test holds the serving pod template",
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": FREEZE_POLICY},
+            "spec": {
+                "policyName": FREEZE_POLICY,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
+                },
+            },
+        },
+    ]
+
+
+def test_fault_operator_killed_between_promotion_and_rollout(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    deployment = f"{RELEASE}-serving"
+    platform.cluster.apply(_hold_serving_template())
+    probe = json.dumps({"spec": {"template": {"metadata": {"annotations": {"e2e/probe": str(time.time())}}}}})
+
+    def policy_active() -> bool:
+        result = platform.try_kubectl("patch", "deployment", deployment, "--dry-run=server", "-p", probe)
+        return result.returncode != 0 and "holds the serving pod template" in result.stderr
+
+    wait_until(policy_active, 30, "the admission policy to take effect", interval=1)
+    name = "fault-operator"
+    released = False
+    try:
+        platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(_fault_run(name, epochs=1)))
+        run_id = wait_until(
+            lambda: platform.trainingrun(name).get("status", {}).get("mlflowRunId"),
+            TRAINING_TIMEOUT_SECONDS,
+            "the run to start logging to MLflow",
+            interval=2,
+        )
+        # The operator records the promotion on the TrainingRun only once a whole step succeeds,
+        # and the held template makes the rollout step fail: the registry is where the promotion
+        # shows first.
+        version = wait_until(
+            lambda: platform.champion_if_from_run(run_id),
+            600,
+            f"run {run_id}'s version to become champion",
+            1,
+        )
+        # Promoted in the registry, yet serving still runs the previous version: the window.
+        assert platform.serving_model_uri() != f"models:/{MODEL}/{version}"
+        operator_pod = platform.get("pods", "-l", "app.kubernetes.io/component=operator")["items"][0]
+        platform.kubectl("delete", "pod", operator_pod["metadata"]["name"], "--grace-period=0", "--force")
+        platform.cluster.kubectl(
+            "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", FREEZE_POLICY
+        )
+        released = True
+        run = _final(platform, name, timeout=300)
+        assert run["status"]["phase"] == "Promoted", run["status"]
+        platform.rollout_status(deployment, timeout=300)
+        assert platform.serving_model_uri() == f"models:/{MODEL}/{version}"
+        response = httpx.post(f"{platform.service_url('serving')}/predict", json=SAMPLE_DIGIT, timeout=10)
+        assert response.headers["X-Model-Version"] == version
+    finally:
+        if not released:
+            platform.cluster.kubectl(
+                "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", FREEZE_POLICY,
+                "--ignore-not-found",
+            )  # fmt: skip
+
+
+def test_helm_upgrade_to_a_newer_mlflow_migrates_its_database(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    champion = platform.champion_version()
+    repository, tag = _repository_and_tag(platform.cluster.images["mlflow"])
+    platform.helm(
+        "upgrade", RELEASE, str(CHART), "--reuse-values",
+        "--set", f"mlflow.image.repository={repository}", "--set", f"mlflow.image.tag={tag}",
+    )  # fmt: skip
+    platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+    pod = platform.get("pods", "-l", "app.kubernetes.io/component=mlflow")["items"][0]
+    assert pod["spec"]["containers"][0]["image"].endswith(tag)
+    init = pod["spec"].get("initContainers") or []
+    assert init, "the MLflow pod runs its database migration first"
+    migration_log = platform.kubectl("logs", pod["metadata"]["name"], "-c", init[0]["name"])
+    print(f"\nmigration log tail:\n{migration_log[-1500:]}")
+    # The registry survived the migration, and serving is untouched by it.
+    assert platform.champion_version() == champion
+    assert _model_version_exists(platform, champion)
+    response = httpx.post(f"{platform.service_url('serving')}/predict", json=SAMPLE_DIGIT, timeout=10)
+    assert response.status_code == 200 and response.headers["X-Model-Version"] == champion
+
+
+def test_helm_uninstall_leaves_no_workload(platform: Platform, trained: dict[str, dict[str, Any]]) -> None:
+    # TrainingRuns are the user's, not the release's: deleting them takes their Jobs with them.
+    platform.kubectl("delete", "trainingruns", "--all", "--wait=true", timeout=180)
+    platform.helm("uninstall", RELEASE, "--wait", "--timeout", "3m")
+
+    def nothing_left() -> bool:
+        left = platform.get("deployments,replicasets,statefulsets,jobs,pods,services,hpa,pdb")["items"]
+        return not left
+
+    try:
+        wait_until(nothing_left, 120, "every workload to go", interval=2)
+    except TimeoutError as exc:
+        left = platform.get("deployments,replicasets,statefulsets,jobs,pods,services,hpa,pdb")["items"]
+        raise AssertionError(f"{exc}: {[(o['kind'], o['metadata']['name']) for o in left]}") from exc
+    # The MLflow claim stays on purpose (helm.sh/resource-policy: keep): the registry outlives
+    # the release.
+    claims = platform.get("pvc")["items"]
+    assert [claim["metadata"]["name"] for claim in claims] == [f"{RELEASE}-mlflow"]
