@@ -28,7 +28,7 @@ import yaml
 
 from contract.spec import MODEL_VERSION_ANNOTATION, TrainingRunSpec
 from local_mode.mlflow_server import mlflow_executable
-from local_mode.processes import free_port, wait_until
+from local_mode.processes import ChildProcess, free_port, wait_until
 from mnist_operator.builders import build_job_spec, build_rollout_patch
 from mnist_operator.config import OperatorConfig
 from serving.metrics import EXPORTED_METRICS
@@ -968,13 +968,8 @@ def test_rendered_mlflow_command_serves_its_service_name(
     env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
     env["HOME"] = str(tmp_path)
     assert container["command"] == ["mlflow", "server"]
-    log = (tmp_path / "mlflow.log").open("wb")
-    process = subprocess.Popen(
-        [mlflow_executable(), "server", *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
+    server = ChildProcess.spawn(
+        "the rendered mlflow server", [mlflow_executable(), "server", *args], tmp_path / "mlflow.log", env=env
     )
     base = f"http://127.0.0.1:{port}"
 
@@ -989,21 +984,18 @@ def test_rendered_mlflow_command_serves_its_service_name(
     try:
 
         def healthy() -> bool:
-            assert process.poll() is None, (tmp_path / "mlflow.log").read_text()[-3000:]
             try:
                 return get("/health", "localhost") == 200
             except (urllib.error.URLError, OSError):
                 return False
 
-        wait_until(healthy, 120, "the rendered mlflow server")
+        server.wait_ready(healthy, 120, "its /health answered")
         search = "/api/2.0/mlflow/experiments/search?max_results=1"
         for host in (f"{name_of('mlflow')}.{NAMESPACE}.svc:5000", f"{name_of('mlflow')}:5000"):
             assert get(search, host) == 200, f"Host {host} rejected"
         assert get(search, "attacker.example:5000") == 403
     finally:
-        os.killpg(process.pid, 15)
-        process.wait(30)
-        log.close()
+        server.stop(30)
 
 
 # --- checkov ------------------------------------------------------------------------------------

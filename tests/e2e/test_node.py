@@ -407,6 +407,13 @@ def test_the_cpu_hpa_scales_serving_up_under_load_and_back_down(
     )
     platform.rollout_status(deployment, timeout=180)
 
+    def only_the_baseline_pods_left() -> bool:
+        pods = platform.get("pods", "-l", "app.kubernetes.io/component=serving")["items"]
+        return len(pods) == baseline
+
+    # The removed pod is gone, not just terminating, before the next test counts pods.
+    wait_until(only_the_baseline_pods_left, 120, "the scaled-down pod to go", interval=2)
+
 
 def test_helm_test_passes(platform: Platform, trained: dict[str, dict[str, Any]]) -> None:
     result = platform.helm("test", RELEASE, "--timeout", "3m", check=False)
@@ -446,9 +453,11 @@ def test_fault_serving_pod_deleted_under_load(
     body = tmp_path / "digit.json"
     body.write_text(json.dumps(SAMPLE_DIGIT))
     url = platform.service_url("serving")
+    # Running pods only: a pod an earlier scale-down is still terminating is not one to delete.
     pods = [
         p["metadata"]["name"]
         for p in platform.get("pods", "-l", "app.kubernetes.io/component=serving")["items"]
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
     ]
     assert len(pods) >= 2, pods
     result: dict[str, dict[str, float]] = {}
