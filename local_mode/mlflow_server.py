@@ -8,38 +8,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_mode.processes import ChildProcess, free_port, http_ok
+from local_mode.processes import ChildProcess, LoopbackServer, free_port, http_ok
 
 START_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass
-class MlflowServer:
+class MlflowServer(LoopbackServer):
     state_dir: Path
-    port: int
-    child: ChildProcess
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self.child.popen
-
-    def is_running(self) -> bool:
-        return self.child.is_running()
 
     def stop(self, timeout: float = 20.0) -> None:
         self.child.stop(timeout)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return self.child.log_tail(lines)
 
 
 def mlflow_executable() -> str:
@@ -74,7 +57,7 @@ def start_mlflow_server(
     # processes and seconds of start-up; tracking and the registry do not use it.
     environment = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     child = ChildProcess.spawn("mlflow server", command, log_path, env=environment, append_log=True)
-    server = MlflowServer(state_dir, port, child)
+    server = MlflowServer(child, port, state_dir)
     try:
         child.wait_ready(lambda: http_ok(f"{server.url}/health"), timeout, "its /health answered")
     except BaseException:

@@ -178,3 +178,29 @@ class ChildProcess:
         if self.popen.poll() is None:
             self.signal_group(signal.SIGKILL)
             self.popen.wait(STOP_TIMEOUT_SECONDS)
+
+
+@dataclass
+class LoopbackServer:
+    """A child process serving HTTP on a loopback port: what MLflow and the prediction service are here."""
+
+    child: ChildProcess
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.child.popen
+
+    @property
+    def log_path(self) -> Path:
+        return self.child.log_path
+
+    def is_running(self) -> bool:
+        return self.child.is_running()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.child.log_tail(lines)

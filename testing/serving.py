@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_mode.processes import ChildProcess, free_port, http_ok
+from local_mode.processes import ChildProcess, LoopbackServer, free_port, http_ok
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,24 +27,8 @@ class ServedModel:
         return f"models:/{self.name}/{self.version}"
 
 
-class ServingProcess:
+class ServingProcess(LoopbackServer):
     """`python -m serving` as a child process; the environment is all its configuration."""
-
-    def __init__(self, child: ChildProcess, port: int) -> None:
-        self.child = child
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def process(self) -> subprocess.Popen[bytes]:
-        return self.child.popen
-
-    @property
-    def log_path(self) -> Path:
-        return self.child.log_path
 
     @classmethod
     def start(
@@ -105,9 +88,6 @@ class ServingProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 60) -> str:
-        return self.child.log_tail(lines)
 
     def log_records(self) -> list[dict[str, object]]:
         records: list[dict[str, object]] = []
