@@ -26,7 +26,7 @@ K8S_NAMESPACE ?= mnist-mlops
 RELEASE ?= mnist-mlops
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps demo test lint bench bench-train bench-serve bench-operator k8s-tools clean
+.PHONY: help venv system-deps demo test lint bench bench-train bench-workers bench-serve bench-operator k8s-tools clean
 .PHONY: kind-up images deploy port-forward undeploy cluster-up cluster-down prerequisites
 .PHONY: check audit chart-readme
 
@@ -115,6 +115,9 @@ bench: bench-train bench-serve bench-operator ## All benchmarks (tables on stdou
 
 bench-train: $(VENV)/.ready ## Train every architecture on the full data set
 	$(PY) -m bench.train
+
+bench-workers: $(VENV)/.ready ## The champion trained by 1, then 2 local workers on the full data: wall time, accuracy
+	$(PY) -m bench.train --workers-comparison
 
 bench-serve: $(VENV)/.ready system-deps ## Serving vs `mlflow models serve` and naive FastAPI+Keras under wrk
 	$(PY) -m bench.serve
