@@ -206,6 +206,23 @@ def writes_by(plane: ControlPlane, user: str, namespaces: set[str]) -> Counter[s
     return counts
 
 
+WRITES_SETTLED_SECONDS = 5.0
+WRITES_SETTLE_TIMEOUT_SECONDS = 120.0
+
+
+def settled_writes(plane: ControlPlane, user: str, namespaces: set[str]) -> Counter[str]:
+    """The user's writes once no new one has arrived for WRITES_SETTLED_SECONDS (or after the timeout)."""
+    deadline = time.monotonic() + WRITES_SETTLE_TIMEOUT_SECONDS
+    writes = writes_by(plane, user, namespaces)
+    while time.monotonic() < deadline:
+        time.sleep(WRITES_SETTLED_SECONDS)
+        latest = writes_by(plane, user, namespaces)
+        if latest == writes:
+            break
+        writes = latest
+    return writes
+
+
 def scale_run(
     account: OperatorAccount,
     api: client.ApiClient,
@@ -242,9 +259,9 @@ def scale_run(
         stats = burst_stats(
             watcher, [job_key(ns, name) for ns, name in keys_by_object], started, time.monotonic()
         )
-        # Whatever the operator writes right after the Job (a status patch, an event) is part of the cost.
-        time.sleep(5)
-        writes = writes_by(plane, account.user, set(namespaces))
+        # Whatever the operator writes right after the Job (a status patch, the finalizer) is part of the
+        # cost: counted once the count has stood still for WRITES_SETTLED_SECONDS.
+        writes = settled_writes(plane, account.user, set(namespaces))
         total = sum(writes.values())
         print(
             f"  {len(keys_by_object)} across {len(namespaces)} namespaces ({mode}): all Jobs after"
