@@ -386,6 +386,3 @@ def wait_deployment_available(plane: ControlPlane, namespace: str, name: str, ti
         plane, "rollout", "status", f"deployment/{name}", "-n", namespace, f"--timeout={int(timeout)}s"
     )
 
-
-def seconds_since(start: float) -> float:
-    return time.monotonic() - start
