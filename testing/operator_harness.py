@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -385,4 +384,3 @@ def wait_deployment_available(plane: ControlPlane, namespace: str, name: str, ti
     kubectl_ok(
         plane, "rollout", "status", f"deployment/{name}", "-n", namespace, f"--timeout={int(timeout)}s"
     )
-
