@@ -12,6 +12,11 @@ from dataclasses import dataclass
 
 from contract.spec import PromotionPolicySpec
 
+# Run metrics the training logs for its int8 model: its test accuracy, and that minus the float ONNX
+# model's (negative when quantisation costs accuracy), which `maxQuantizationLoss` bounds.
+INT8_ACCURACY_METRIC = "int8_test_accuracy"
+QUANTIZATION_DELTA_METRIC = "int8_accuracy_delta"
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -34,6 +39,9 @@ def decide(
     if not clears_minimum:
         relation = "below" if policy.higher_is_better else "above"
         return Decision(False, f"{metric}={value:.4f} is {relation} the minimum {policy.minimum:.4f}")
+    refusal = _quantization_refusal(candidate, policy.max_quantization_loss)
+    if refusal is not None:
+        return Decision(False, refusal)
 
     if champion is None:
         return Decision(
@@ -57,3 +65,25 @@ def decide(
         f"{metric}={value:.4f} does not beat the champion's {champion_value:.4f}"
         f" by more than {policy.margin:g}",
     )
+
+
+def _quantization_refusal(candidate: Mapping[str, float], tolerance: float | None) -> str | None:
+    """Why the candidate's int8 model loses too much accuracy, or None when it does not (or no
+    tolerance is set). A version without an int8 model cannot show it stays within the tolerance."""
+    if tolerance is None:
+        return None
+    delta = candidate.get(QUANTIZATION_DELTA_METRIC)
+    if delta is None or not math.isfinite(delta):
+        return (
+            f"maxQuantizationLoss is {tolerance:g} but the candidate has no finite"
+            f" {QUANTIZATION_DELTA_METRIC!r} metric (no int8 model)"
+        )
+    loss = -delta
+    # Accuracies are counts over the test set; their float difference may overshoot by an ulp, and a
+    # loss of exactly the tolerance is within it.
+    if loss > tolerance + 1e-9:
+        return (
+            f"the int8 model loses {loss:.4f} accuracy against the float model,"
+            f" more than maxQuantizationLoss {tolerance:g}"
+        )
+    return None

@@ -69,6 +69,9 @@ class PromotionPolicySpec(_CamelModel):
     must_beat_champion: bool = True
     margin: float = Field(default=0.0, ge=0.0)
     higher_is_better: bool = True
+    # The most test accuracy the version's int8 model may lose against its float model (0.002 is 0.2
+    # points); unset, the int8 model does not gate promotion.
+    max_quantization_loss: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"

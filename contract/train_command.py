@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--promote", action="store_true", help="apply the promotion gate here (no operator)")
     train.add_argument("--min-accuracy", type=float, default=0.0, help="with --promote: the gate's minimum")
+    train.add_argument(
+        "--max-quantization-loss",
+        type=float,
+        help="with --promote: the most test accuracy the int8 model may lose against the float model",
+    )
     train.add_argument("--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI)")
     return parser
 
@@ -153,7 +158,9 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
             ),
             experiment=namespace.experiment,
             registered_model=namespace.registered_model,
-            promotion=PromotionPolicySpec(minimum=namespace.min_accuracy),
+            promotion=PromotionPolicySpec(
+                minimum=namespace.min_accuracy, max_quantization_loss=namespace.max_quantization_loss
+            ),
             max_train_samples=namespace.max_train_samples,
             workers=namespace.workers,
         )

@@ -11,21 +11,30 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from contract.constants import TRAININGRUN_SOURCE_TAG, TRAININGRUN_TAGS
+from contract.policy import INT8_ACCURACY_METRIC, QUANTIZATION_DELTA_METRIC
 from contract.result import TrainingResult
 from contract.spec import TrainingRunSpec
 from contract.train_command import TrainOptions
 from training_job.data import Dataset, Split, load_dataset
 from training_job.distributed import CHIEF_INDEX, WorkerContext, per_worker_batch_size
 
+if TYPE_CHECKING:
+    from training_job.export import ExportCheck, QuantizationReport
+
 log = logging.getLogger("training_job")
 
 KERAS_ARTIFACT_PATH = "keras-model"
+# The int8 model is a run artifact beside the registered float model, `<this>/model.onnx`; the version's
+# INT8_ARTIFACT_TAG names it (a runs:/ URI), so serving (serving/model_store.py) finds it from the
+# version alone, and the version stays one: its float and int8 models are promoted together.
+INT8_ARTIFACT_PATH = "onnx-int8"
+INT8_ARTIFACT_TAG = "onnx_int8_artifact"
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -393,11 +402,7 @@ def train(
                 "onnx_test_accuracy": check.onnx_accuracy,
             }
         )
-        log.info(
-            "ONNX agrees (max |diff| %.1e); registering a version of %s",
-            check.max_abs_diff,
-            spec.registered_model,
-        )
+        quantization, int8_model_uri = _quantize_and_log(proto, check, dataset)
         onnx_info = mlflow.onnx.log_model(
             proto,
             name="onnx-model",
@@ -415,6 +420,9 @@ def train(
             "source_run_id": run.info.run_id,
             "keras_model_uri": keras_model_uri,
             "data_digest": dataset.digest,
+            INT8_ARTIFACT_TAG: int8_model_uri,
+            "int8_accuracy": f"{quantization.int8_accuracy:.6f}",
+            QUANTIZATION_DELTA_METRIC: f"{quantization.accuracy_delta:.6f}",
             **{
                 key: value
                 for key, value in tags.items()
@@ -433,8 +441,16 @@ def train(
         architecture=spec.architecture.value,
         metrics={
             key: round(value, 6)
-            for key, value in final_metrics.items()
-            if key in {"test_accuracy", "test_loss", "train_seconds", "val_accuracy"}
+            for key, value in (final_metrics | quantization.metrics()).items()
+            if key
+            in {
+                "test_accuracy",
+                "test_loss",
+                "train_seconds",
+                "val_accuracy",
+                INT8_ACCURACY_METRIC,
+                QUANTIZATION_DELTA_METRIC,
+            }
         },
         onnx_model_uri=onnx_info.model_uri,
         keras_model_uri=keras_model_uri,
@@ -459,6 +475,33 @@ def _tensorflow_distribution() -> str:
     except PackageNotFoundError:
         return "tensorflow"
     return "tensorflow-cpu"
+
+
+def _quantize_and_log(proto: Any, check: ExportCheck, dataset: Dataset) -> tuple[QuantizationReport, str]:
+    """Quantises the checked float ONNX model to int8, evaluates it on the test set and logs its
+    metrics and the model as `INT8_ARTIFACT_PATH/model.onnx`; returns the report and that directory's
+    URI."""
+    import mlflow
+
+    from training_job.export import CALIBRATION_SAMPLES, evaluate_int8, quantize_int8
+
+    log.info("ONNX agrees (max |diff| %.1e); quantising it to int8", check.max_abs_diff)
+    int8_model = quantize_int8(proto, dataset.train.images[:CALIBRATION_SAMPLES])
+    report = evaluate_int8(proto, int8_model, check.onnx_accuracy, dataset.test.images, dataset.test.labels)
+    mlflow.log_metrics(report.metrics())
+    log.info(
+        "int8: accuracy %.4f (%+.4f), %d bytes (float %d), %.3f ms per image (float %.3f)",
+        report.int8_accuracy, report.accuracy_delta, report.int8_bytes, report.float_bytes,
+        report.int8_latency_ms, report.float_latency_ms,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "model.onnx")
+        with open(path, "wb") as handle:
+            handle.write(int8_model)
+        mlflow.log_artifact(path, artifact_path=INT8_ARTIFACT_PATH)
+    run = mlflow.active_run()
+    assert run is not None, "called inside mlflow.start_run()"
+    return report, f"runs:/{run.info.run_id}/{INT8_ARTIFACT_PATH}"
 
 
 def _log_keras_model(model: Any, signature: Any, example: npt.NDArray[np.float32]) -> str:
