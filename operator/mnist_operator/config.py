@@ -95,6 +95,16 @@ class OperatorConfig(BaseSettings):
     mlflow_max_backoff_seconds: Annotated[float, Ge(0.1)] = 60.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["plain", "json"] = "plain"
+    # Tracing of promotions (mnist_operator/tracing.py): OTLP/gRPC export there; unset, tracing is off.
+    otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "otlp_endpoint",
+            f"{PREFIX}OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+    )
 
     @property
     def clusterwide(self) -> bool:

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
 
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 
 from contract.registry import AliasMove
 from contract.spec import CHAMPION_ALIAS, TrainingRunSpec
-from mnist_operator import tracking
+from mnist_operator import tracing, tracking
 from mnist_operator.builders import (
     build_job_spec,
     build_rollout_patch,
@@ -46,7 +47,7 @@ from mnist_operator.jobs import (
     training_result,
 )
 from mnist_operator.kube import ConflictError
-from mnist_operator.rollouts import RolloutState, rollout_state
+from mnist_operator.rollouts import RolloutState, rollout_state, traceparent_of, with_traceparent
 from mnist_operator.runtime import Runtime
 from mnist_operator.status import (
     Condition,
@@ -297,6 +298,23 @@ class Run:
     ) -> None:
         transition(self.update, self.subject.body, phase, message, *changes, event=event)
 
+    def trace_step(
+        self, name: str, *, root: bool = False, start: datetime.datetime | None = None
+    ) -> AbstractContextManager[tracing.Trace]:
+        """A span of this run's promotion trace; `tracing.NO_TRACE` while tracing is off."""
+        return tracing.step(
+            self.rt.config.otlp_endpoint,
+            name,
+            None if root else self.update.status.traceparent,
+            {
+                "k8s.namespace.name": self.namespace,
+                "mnist.trainingrun.name": self.subject.name,
+                "mnist.model.name": self.model,
+                "mnist.model.version": self.version,
+            },
+            start=start,
+        )
+
     async def mlflow(
         self, call: Callable[Concatenate[MlflowClient, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
@@ -414,6 +432,10 @@ class Run:
     # -------------------------------------------------------------------- Evaluating
 
     async def evaluate(self) -> None:
+        with self.trace_step("trainingrun.evaluate", root=True) as trace:
+            await self._evaluate(trace)
+
+    async def _evaluate(self, trace: tracing.Trace) -> None:
         async with self.rt.model_lock(self.model):
             outcome = await self.mlflow(
                 tracking.evaluate_and_promote, self.model, self.version, self.spec.promotion
@@ -424,12 +446,19 @@ class Run:
         status.promoted, status.promotion_reason = outcome.promoted, outcome.reason
         if outcome.champion_version is not None:
             status.champion_version = outcome.champion_version
+        trace.set({"mnist.promoted": outcome.promoted, "mnist.promotion.reason": outcome.reason})
+        if trace.traceparent is not None:
+            status.traceparent, status.trace_id = trace.traceparent, tracing.trace_id(trace.traceparent)
         if not outcome.promoted:
             self.transition(
                 Phase.REJECTED,
                 f"not promoted: {outcome.reason}",
                 Change(Condition.PROMOTED, False, "PolicyRejected", outcome.reason),
-                event=Event("Normal", "Rejected", f"version {self.version} not promoted: {outcome.reason}"),
+                event=Event(
+                    "Normal",
+                    "Rejected",
+                    trace.message(f"version {self.version} not promoted: {outcome.reason}"),
+                ),
             )
             return
         if outcome.move is not None and outcome.move.replaced_version is not None:
@@ -439,7 +468,7 @@ class Run:
             Phase.ROLLING_OUT,
             message,
             Change(Condition.PROMOTED, True, "PolicyAccepted", outcome.reason),
-            event=Event("Normal", "Promoted", message),
+            event=Event("Normal", "Promoted", trace.message(message)),
         )
 
     # -------------------------------------------------------------------- RollingOut
@@ -452,6 +481,10 @@ class Run:
             await self.watch_rollout(rollout)
 
     async def start_rollout(self) -> None:
+        with self.trace_step("trainingrun.rollout") as trace:
+            await self._start_rollout(trace)
+
+    async def _start_rollout(self, trace: tracing.Trace) -> None:
         async with self.rt.model_lock(self.model):
             champion = await self.mlflow(tracking.champion_version, self.model)
             if champion != self.version:
@@ -473,7 +506,7 @@ class Run:
                     Change(Condition.ROLLED_OUT, True, "NoServingDeployments", message),
                 )
                 return
-            plan = [await self._roll(deployment) for deployment in sorted(deployments, key=_name_of)]
+            plan = [await self._roll(deployment, trace) for deployment in sorted(deployments, key=_name_of)]
             self.rt.failpoints.crash_after("after-rollout-patch", self.subject.logger)
         deadline = self.update.now + datetime.timedelta(seconds=self.rt.config.rollout_timeout_seconds)
         self.update.status.rollout = RolloutRecord(
@@ -484,10 +517,10 @@ class Run:
             Phase.ROLLING_OUT,
             message,
             Change(Condition.ROLLED_OUT, False, "InProgress", message),
-            event=Event("Normal", "RolloutStarted", message),
+            event=Event("Normal", "RolloutStarted", trace.message(message)),
         )
 
-    async def _roll(self, deployment: Mapping[str, Any]) -> RolloutEntry:
+    async def _roll(self, deployment: Mapping[str, Any], trace: tracing.Trace) -> RolloutEntry:
         """Pins one serving Deployment to the version; returns what it served before."""
         entry = RolloutEntry(name=_name_of(deployment))
         current = served_version(deployment, self.model)
@@ -500,12 +533,13 @@ class Run:
             return entry
         entry.previous_version = current or None
         entry.previous_model_uri = model_uri_of(deployment) or None
+        entry.previous_traceparent = traceparent_of(deployment)
         pinned = pinned_model_uri(self.model, self.version)
-        await self.rt.kube.patch_deployment(
-            self.namespace,
-            entry.name,
-            build_rollout_patch(self.version, pinned, list(serving_containers(deployment))),
-        )
+        patch = build_rollout_patch(self.version, pinned, list(serving_containers(deployment)))
+        if trace.traceparent is not None or entry.previous_traceparent is not None:
+            # The pods of this rollout name its span; untraced, they name no earlier one either.
+            patch = with_traceparent(patch, trace.traceparent)
+        await self.rt.kube.patch_deployment(self.namespace, entry.name, patch)
         return entry
 
     async def watch_rollout(self, rollout: RolloutRecord) -> None:
@@ -518,25 +552,30 @@ class Run:
                 states.append(RolloutState(True, False, f"{entry.name}: since rolled to another version"))
             else:
                 states.append(rollout_state(deployment))
-        if all(state.done for state in states):
-            message = "; ".join(state.message for state in states)
-            self.transition(
-                Phase.PROMOTED,
-                f"version {self.version} is serving: {message}",
-                Change(Condition.ROLLED_OUT, True, "Available", message),
-                event=Event("Normal", "RolledOut", message),
-            )
-            return
         failed = [state for state in states if state.failed]
-        if not failed and self.update.now < parse_timestamp(rollout.deadline):
+        done = all(state.done for state in states)
+        if not done and not failed and self.update.now < parse_timestamp(rollout.deadline):
             return
-        pending = "; ".join(state.message for state in states if not state.done)
-        reason = "ProgressDeadlineExceeded" if failed else "RolloutTimeout"
-        await self.roll_back(
-            rollout, reason, f"serving did not become available by {rollout.deadline}: {pending}"
-        )
+        # One span for the whole wait, backdated to the patch: what the ticks in between watched.
+        with self.trace_step("trainingrun.rollout.wait", start=parse_timestamp(rollout.started_at)) as trace:
+            trace.set({"mnist.rollout.deployments": ", ".join(entry.name for entry in rollout.deployments)})
+            if done:
+                message = "; ".join(state.message for state in states)
+                self.transition(
+                    Phase.PROMOTED,
+                    f"version {self.version} is serving: {message}",
+                    Change(Condition.ROLLED_OUT, True, "Available", message),
+                    event=Event("Normal", "RolledOut", trace.message(message)),
+                )
+                return
+            pending = "; ".join(state.message for state in states if not state.done)
+            reason = "ProgressDeadlineExceeded" if failed else "RolloutTimeout"
+            trace.fail(reason)
+            await self.roll_back(
+                rollout, reason, f"serving did not become available by {rollout.deadline}: {pending}", trace
+            )
 
-    async def roll_back(self, rollout: RolloutRecord, reason: str, why: str) -> None:
+    async def roll_back(self, rollout: RolloutRecord, reason: str, why: str, trace: tracing.Trace) -> None:
         replaced = self.update.status.previous_champion_version
         async with self.rt.model_lock(self.model):
             restored = await self.mlflow(
@@ -554,11 +593,12 @@ class Run:
                     if previous
                     else f"models:/{self.model}@{CHAMPION_ALIAS}"
                 )
-                await self.rt.kube.patch_deployment(
-                    self.namespace,
-                    entry.name,
-                    build_rollout_patch(previous, uri, list(serving_containers(deployment))),
-                )
+                patch = build_rollout_patch(previous, uri, list(serving_containers(deployment)))
+                if traceparent_of(deployment) is not None or entry.previous_traceparent is not None:
+                    # The template as it was, annotation included: the Deployment goes back to that
+                    # revision's ReplicaSet, as `kubectl rollout undo` would.
+                    patch = with_traceparent(patch, entry.previous_traceparent)
+                await self.rt.kube.patch_deployment(self.namespace, entry.name, patch)
         if not restored:
             alias = "the champion alias had already moved on and was left alone"
         elif replaced:
@@ -571,7 +611,7 @@ class Run:
             message,
             Change(Condition.ROLLED_OUT, False, reason, why),
             Change(Condition.ROLLED_BACK, True, reason, message),
-            event=Event("Warning", "RolledBack", message),
+            event=Event("Warning", "RolledBack", trace.message(message)),
         )
 
 

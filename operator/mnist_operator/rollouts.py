@@ -1,10 +1,13 @@
-"""Reading the serving Deployments during a rollout: the logic of `kubectl rollout status`."""
+"""Reading the serving Deployments during a rollout (the logic of `kubectl rollout status`), and the
+trace context a rollout leaves in their pod template."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from mnist_operator.tracing import TRACEPARENT_ANNOTATION
 
 
 @dataclass(frozen=True)
@@ -35,3 +38,17 @@ def rollout_state(deployment: Mapping[str, Any]) -> RolloutState:
     if available < updated:
         return RolloutState(False, False, f"{name}: {available} of {updated} updated replicas available")
     return RolloutState(True, False, f"{name}: {available} of {wanted} replicas available")
+
+
+def traceparent_of(deployment: Mapping[str, Any]) -> str | None:
+    """The pod template's traceparent annotation: the trace of the rollout that made the template."""
+    template_meta = deployment.get("spec", {}).get("template", {}).get("metadata", {})
+    value = (template_meta.get("annotations") or {}).get(TRACEPARENT_ANNOTATION)
+    return None if value is None else str(value)
+
+
+def with_traceparent(patch: dict[str, Any], traceparent: str | None) -> dict[str, Any]:
+    """A rollout patch that also sets the pod template's traceparent annotation (None removes it)."""
+    template = patch.setdefault("spec", {}).setdefault("template", {})
+    template.setdefault("metadata", {}).setdefault("annotations", {})[TRACEPARENT_ANNOTATION] = traceparent
+    return patch

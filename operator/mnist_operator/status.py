@@ -95,6 +95,8 @@ class RolloutEntry(_Wire):
     name: str
     previous_version: str | None = None
     previous_model_uri: str | None = None
+    # The pod template's traceparent annotation before the rollout, restored with the rest.
+    previous_traceparent: str | None = None
 
 
 class RolloutRecord(_Wire):
@@ -119,6 +121,9 @@ class TrainingRunStatus(_Wire):
     champion_version: str | None = None
     previous_champion_version: str | None = None
     rollout: RolloutRecord | None = None
+    # The promotion's trace (mnist_operator/tracing.py); unset while tracing is off.
+    trace_id: str | None = None
+    traceparent: str | None = None
     conditions: list[StatusCondition] = []
 
     def wire(self) -> dict[str, Any]:
