@@ -28,7 +28,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help venv system-deps demo test lint bench bench-train bench-workers bench-serve bench-operator k8s-tools clean
 .PHONY: kind-up images deploy port-forward undeploy cluster-up cluster-down prerequisites
-.PHONY: check audit chart-readme
+.PHONY: check audit chart-readme grpc-stubs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -95,9 +95,9 @@ lint: $(VENV)/.ready ## ruff and mypy
 # The inner loop: lint, type checks (mypy's incremental cache) and the unit tests that need no cluster,
 # no training, no browser and no network (the audit's own logic included, its PyPI queries not).
 # scripts/ is type-checked on its own: with PYTHONPATH exported, mypy silences what only tests import.
-CHECK_TESTS := tests/contract/test_spec_and_policy.py tests/serving/test_preprocess.py \
+CHECK_TESTS := tests/contract/test_spec_and_policy.py tests/serving/test_preprocess.py tests/serving/test_explain.py \
 	tests/mnist_operator/test_units.py tests/training/test_data.py tests/images/test_audit.py \
-	tests/chart/test_readme.py
+	tests/chart/test_readme.py tests/serving/test_grpc.py::test_checked_in_stubs_match_the_protos tests/bench/test_serve_summary.py
 check: $(VENV)/.ready ## Fast inner loop, <2 min warm: ruff, format, mypy, unit tests needing no cluster/training/browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -106,6 +106,11 @@ check: $(VENV)/.ready ## Fast inner loop, <2 min warm: ruff, format, mypy, unit 
 
 chart-readme: $(VENV)/.ready ## Regenerate charts/mnist-mlops/README.md from the comments in values.yaml
 	$(PY) scripts/chart_readme.py
+
+# Checked in, so the images need no protoc; tests/serving/test_grpc.py reruns this line into a temporary
+# directory and compares.
+grpc-stubs: $(VENV)/.ready ## Regenerate serving/grpc's Python modules (messages, .pyi, services) from its .proto files
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. serving/grpc/health.proto serving/grpc/inference.proto
 
 # `make test` runs the same audit as tests/test_audit.py, where an unaudited package is a warning.
 audit: $(VENV)/.ready $(CHECKOV_VENV)/.ready ## Known vulnerabilities in every requirements/*.txt set (strict; ignores: requirements/audit-ignore.conf)
@@ -119,8 +124,9 @@ bench-train: $(VENV)/.ready ## Train every architecture on the full data set
 bench-workers: $(VENV)/.ready ## The champion trained by 1, then 2 local workers on the full data: wall time, accuracy
 	$(PY) -m bench.train --workers-comparison
 
-bench-serve: $(VENV)/.ready system-deps ## Serving vs `mlflow models serve` and naive FastAPI+Keras under wrk
-	$(PY) -m bench.serve
+# BENCH_ARGS: e.g. `--quick --output /tmp/serve.json` for a smoke run (a busy machine's figures are not results).
+bench-serve: $(VENV)/.ready system-deps ## Ours vs MLServer, KServe, `mlflow models serve` (ONNX, Keras), each alone, one worker; wrk/ghz
+	$(PY) -m bench.serve $(BENCH_ARGS)
 
 bench-operator: $(VENV)/.ready $(OPERATOR_VENV)/.ready ## Operator: apply → Job latency, 1,000 TrainingRuns in 10 namespaces, writes per run, RSS
 	MNIST_MLOPS_K8S_BIN="$$(bash scripts/build-k8s-tools.sh | tail -n 1)" $(PY) -m bench.operator --python $(OPERATOR_VENV)/bin/python

@@ -66,6 +66,7 @@ def start_serving(mlflow: MlflowServer, model: str, state_dir: Path) -> tuple[Ch
         "SERVING_MODEL_URI": f"models:/{model}@{CHAMPION_ALIAS}",
         "SERVING_HOST": "127.0.0.1",
         "SERVING_PORT": str(port),
+        "SERVING_GRPC_PORT": str(_port(8081)),
         "SERVING_MODEL_CACHE_DIR": str(state_dir / "model-cache"),
     }
     child = ChildProcess.spawn(

@@ -32,7 +32,10 @@ def _prepare_workers(settings: Settings) -> None:
     ref = settings.model_ref
     if ref.alias is not None:
         store = ModelStore(
-            settings.mlflow_tracking_uri, settings.model_cache_dir, settings.registry_timeout_seconds
+            settings.mlflow_tracking_uri,
+            settings.model_cache_dir,
+            settings.registry_timeout_seconds,
+            precision=settings.model_precision,
         )
         try:
             cached = store.fetch(ref)

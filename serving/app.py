@@ -20,11 +20,12 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
-from serving import __version__, metrics
+from serving import __version__, metrics, tracing
 from serving.dataplane import DataPlane
 from serving.errors import install_exception_handlers
+from serving.grpc.server import with_grpc
 from serving.middleware import ServingMiddleware
-from serving.rest import predict, v2
+from serving.rest import explain, predict, v2, ws
 from serving.schemas import (
     BatchRequest,
     HealthResponse,
@@ -50,6 +51,7 @@ _BODY_SCHEMAS = (PredictRequest, BatchRequest, V2InferenceRequest)
 def create_app(settings: Settings | None = None, dataplane: DataPlane | None = None) -> FastAPI:
     settings = settings or Settings()
     dataplane = dataplane or DataPlane(settings)
+    tracing.configure(settings.otlp_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
             with contextlib.suppress(asyncio.CancelledError):
                 await loader
             metrics.mark_process_dead()
+            tracing.shutdown()
             log.info("shut down", extra={"uptime_seconds": round(dataplane.uptime, 1)})
 
     app = FastAPI(
@@ -70,7 +73,8 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
             "Classifies handwritten digits with the registry's served model version (ONNX Runtime). "
             "`/predict` takes images or 28x28 arrays; `/v2` is the Open Inference Protocol."
         ),
-        lifespan=lifespan,
+        # gRPC in the same process and event loop: both protocols share the data plane and its metrics.
+        lifespan=with_grpc(lifespan, dataplane),
         docs_url="/docs" if settings.docs_enabled else None,
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
@@ -90,6 +94,7 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
             version=dataplane.version,
             alias=dataplane.ref.alias,
             uri=str(dataplane.ref),
+            precision=dataplane.store.precision,
             state="ready" if dataplane.ready else "loading",
             loaded_from_cache=cached.from_cache if cached else None,
             load_seconds=round(dataplane.load_seconds, 3) if dataplane.load_seconds is not None else None,
@@ -136,8 +141,8 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
 
     # On the app's own router rather than included routers: FastAPI would wrap an included router in
     # another matching layer on every request.
-    predict.register(app.router, dataplane)
-    v2.register(app.router, dataplane)
+    for adapter in (predict, v2, explain, ws):
+        adapter.register(app.router, dataplane)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -38,6 +38,12 @@ class ServingError(Exception):
         self.headers = headers or {}
 
 
+class BadRequestError(ServingError):
+    """The body's framing is broken (e.g. binary tensor lengths that do not add up), not its values."""
+
+    status_code = 400
+
+
 class InvalidInputError(ServingError):
     status_code = 422
 

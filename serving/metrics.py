@@ -61,6 +61,16 @@ batch_size = Histogram(
     "Images per inference request.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
 )
+inference_batch_size = Histogram(
+    "mnist_inference_batch_size",
+    "Images per model call; with SERVING_BATCHING_ENABLED several requests' images share one call.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
+)
+inference_queue = Histogram(
+    "mnist_inference_queue_seconds",
+    "Time a request waited in the batching queue before its model call started.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 input_mean_intensity = Histogram(
     "mnist_input_mean_intensity",
     f"Mean pixel intensity (0..1) of each preprocessed input; training data mean {TRAINING_MEAN_INTENSITY}.",
@@ -109,6 +119,8 @@ EXPORTED_METRICS: tuple[str, ...] = (
     "mnist_prediction_confidence",
     "mnist_prediction_confidence_recent",
     "mnist_prediction_batch_size",
+    "mnist_inference_batch_size",
+    "mnist_inference_queue_seconds",
     "mnist_input_mean_intensity",
     "mnist_input_inverted_total",
     "mnist_http_requests_total",
@@ -158,6 +170,17 @@ def observe_predictions(
     _ewma[0] = ewma
     if ewma is not None:
         recent_confidence.set(ewma)
+
+
+def observe_model_call(images: int) -> None:
+    inference_batch_size.observe(images)
+
+
+def observe_batch(images: int, waits: list[float]) -> None:
+    """One batched model call: its image count, and how long each of its requests queued for it."""
+    inference_batch_size.observe(images)
+    for wait in waits:
+        inference_queue.observe(wait)
 
 
 def observe_http(method: str, route: str, status: int, seconds: float) -> None:

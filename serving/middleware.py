@@ -14,9 +14,10 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving import context, metrics
+from serving import context, metrics, tracing
 from serving.dataplane import DataPlane
 from serving.errors import INTERNAL_ERROR, error_body
 from serving.settings import Settings
@@ -30,13 +31,18 @@ _QUIET_ROUTES = frozenset(
     {"/health", "/health/live", "/health/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
 )
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# How much of a refused body is read and dropped so that its client sees the 413 (see _discard).
+_DRAIN_FACTOR = 64
+_DRAIN_SECONDS = 10.0
+_CLOSE = {"Connection": "close"}
 _MAX_CLIENTS = 10_000
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 def is_inference(method: str, path: str) -> bool:
     return method == "POST" and (
-        path in ("/predict", "/predict/batch") or (path.startswith("/v2/models/") and path.endswith("/infer"))
+        path in ("/predict", "/predict/batch", "/explain")
+        or (path.startswith("/v2/models/") and path.endswith("/infer"))
     )
 
 
@@ -118,6 +124,7 @@ class ServingMiddleware:
         start = time.perf_counter()
         request_id, content_length = _read_headers(scope)
         token = context.bind(context.RequestContext(request_id, start))
+        span = tracing.start_request(scope, request_id, self.dataplane.name)
         method: str = scope["method"]
         exchange = _Exchange(send, request_id, self.dataplane.response_headers)
         inference = is_inference(method, scope["path"])
@@ -129,7 +136,7 @@ class ServingMiddleware:
                 self.in_flight_inference += 1
                 counted = True
             if rejection is None and method in _BODY_METHODS:
-                body, rejection = await self._read_body(receive, content_length)
+                body, rejection = await self._read_body(scope, receive, content_length)
                 if body is None and rejection is None:
                     return  # the client went away
                 if body is not None:
@@ -148,6 +155,8 @@ class ServingMiddleware:
                 self.in_flight_inference -= 1
             metrics.http_in_flight.dec()
             self._record(scope, exchange.status, time.perf_counter() - start)
+            if span is not None:
+                span.end(scope, exchange.status, self.dataplane.version)
             context.unbind(token)
 
     def _admit(self, scope: Scope) -> Rejection | None:
@@ -170,13 +179,16 @@ class ServingMiddleware:
         return None
 
     async def _read_body(
-        self, receive: Receive, content_length: int | None
+        self, scope: Scope, receive: Receive, content_length: int | None
     ) -> tuple[bytes | None, Rejection | None]:
         """The whole body, counted as it arrives (a chunked body declares no length up front)."""
         too_large = f"request body larger than {self.max_body} bytes (SERVING_MAX_BODY_BYTES)"
         if content_length is not None and content_length > self.max_body:
-            # Far beyond the limit: close rather than let the client upload it all to be discarded.
-            headers = {"Connection": "close"} if content_length > 16 * self.max_body else {}
+            if _expects_continue(scope):
+                # The client holds the body back until `100 Continue`, which our first receive()
+                # would send: answer now, and close, since the body never comes.
+                return None, Rejection(413, too_large, "body_too_large", _CLOSE)
+            headers = await self._discard(receive, content_length, 0)
             return None, Rejection(413, too_large, "body_too_large", headers)
         chunks: list[bytes] = []
         size = 0
@@ -187,10 +199,33 @@ class ServingMiddleware:
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return None, Rejection(413, too_large, "body_too_large")
+                more = message.get("more_body", False)
+                headers = await self._discard(receive, None, size) if more else {}
+                return None, Rejection(413, too_large, "body_too_large", headers)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks), None
+
+    async def _discard(self, receive: Receive, declared: int | None, received: int) -> dict[str, str]:
+        """Reads and drops the rest of a refused body; the headers to answer with (close if it could
+        not be read to its end).
+
+        Most clients (urllib, requests, many SDKs) send the whole body before reading anything, and
+        closing a connection with unread bytes makes the kernel reset it: they would see a broken pipe,
+        never the 413. Reading is bounded (bytes and time); past the bound closing costs less than the
+        upload, and a body declared beyond it is not read at all."""
+        budget = _DRAIN_FACTOR * self.max_body
+        if declared is not None and declared > budget:
+            return _CLOSE
+        with anyio.move_on_after(_DRAIN_SECONDS):
+            while received <= budget:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return _CLOSE
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return {}
+        return _CLOSE
 
     def _client_key(self, scope: Scope) -> str:
         if self.client_header is not None:
@@ -242,6 +277,10 @@ def _read_headers(scope: Scope) -> tuple[str, int | None]:
             except ValueError:
                 content_length = None
     return request_id or uuid.uuid4().hex, content_length
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"])
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

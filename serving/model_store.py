@@ -1,5 +1,6 @@
 """Resolves the configured model URI to a concrete registry version and fetches its ONNX artifact into
-a local cache.
+a local cache: the registered (float32) model, or with precision int8 the int8 model that training
+quantised from it and logged beside it (named by the version's `onnx_int8_artifact` tag).
 
 Start-up time matters (a pod is not ready until this finishes), and importing `mlflow` takes seconds,
 so the registry is read through its small REST API with the standard library, and `mlflow` is imported
@@ -22,7 +23,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from serving.settings import ModelRef
 
@@ -30,6 +31,11 @@ log = logging.getLogger("serving.model_store")
 
 ONNX_FILENAME = "model.onnx"
 MANIFEST_FILENAME = "serving-manifest.json"
+# The model-version tag the training writes (training_job/train.py): the runs:/ URI of the directory
+# holding the int8 model. A literal here: the serving image does not ship the contract package.
+INT8_ARTIFACT_TAG = "onnx_int8_artifact"
+
+Precision = Literal["float32", "int8"]
 
 
 class RegistryError(Exception):
@@ -38,8 +44,8 @@ class RegistryError(Exception):
     `retryable` errors may heal by themselves: the registry unreachable or answering 5xx/429, an alias
     (or the registered model behind it) not created yet. The others need a new configuration: no or a
     non-http tracking URI, a pinned version that does not exist, a version without an ONNX model, a
-    refused request (401, 403); the data plane stops retrying those. `status` is the registry's
-    HTTP status, when it answered."""
+    refused request (401, 403), int8 asked of a version without an int8 model; the data plane stops
+    retrying those. `status` is the registry's HTTP status, when it answered."""
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None) -> None:
         super().__init__(message)
@@ -162,10 +168,17 @@ def _sha256(path: Path) -> str:
 
 
 class ModelStore:
-    def __init__(self, tracking_uri: str | None, cache_dir: Path, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        tracking_uri: str | None,
+        cache_dir: Path,
+        timeout: float = 10.0,
+        precision: Precision = "float32",
+    ) -> None:
         self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
         self.cache_dir = cache_dir
         self.timeout = timeout
+        self.precision = precision
 
     def _client(self) -> RegistryClient:
         if not self.tracking_uri:
@@ -179,7 +192,8 @@ class ModelStore:
 
     def version_dir(self, name: str, version: str) -> Path:
         safe = urllib.parse.quote(name, safe="")
-        return self.cache_dir / safe / version
+        # The int8 model is another file of the same immutable version: cached beside the float one.
+        return self.cache_dir / safe / (version if self.precision == "float32" else f"{version}-int8")
 
     def resolve(self, ref: ModelRef) -> ModelVersionInfo:
         if ref.alias is not None:
@@ -191,8 +205,15 @@ class ModelStore:
         return self._client().version(ref.name, ref.version)
 
     def fetch(self, ref: ModelRef) -> CachedModel:
-        """Resolve `ref` and return a complete local copy of that version's ONNX model directory."""
+        """Resolve `ref` and return a complete local copy of that version's ONNX model directory, of
+        the store's precision."""
         info = self.resolve(ref)
+        if self.precision == "int8" and not info.tags.get(INT8_ARTIFACT_TAG):
+            raise RegistryError(
+                f"{info.uri} has no int8 model (no {INT8_ARTIFACT_TAG!r} tag, as on versions trained"
+                " before quantisation): serve it with SERVING_MODEL_PRECISION=float32",
+                retryable=False,
+            )
         directory = self.version_dir(info.name, info.version)
         cached = self._read_manifest(directory)
         if cached is not None:
@@ -225,14 +246,19 @@ class ModelStore:
             raise RegistryError(
                 "mlflow is not installed, cannot download artifacts", retryable=False
             ) from exc
-        # The registry names the version's artifact location; mlflow then reads whichever store holds
-        # it (the tracking server's artifact proxy here, or S3/GCS/... elsewhere).
-        artifact_uri = self._client().download_uri(info.name, info.version)
+        # The registry names the version's artifact location (the int8 model's, a run's, in a tag);
+        # mlflow then reads whichever store holds it (the tracking server's artifact proxy here, or
+        # S3/GCS/... elsewhere).
+        if self.precision == "int8":
+            artifact_uri = info.tags[INT8_ARTIFACT_TAG]
+        else:
+            artifact_uri = self._client().download_uri(info.name, info.version)
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{info.version}-", dir=directory.parent))
         try:
             log.info(
-                "downloading model artifacts", extra={"model_uri": info.uri, "artifact_uri": artifact_uri}
+                "downloading model artifacts",
+                extra={"model_uri": info.uri, "artifact_uri": artifact_uri, "precision": self.precision},
             )
             try:
                 local = Path(
@@ -247,7 +273,8 @@ class ModelStore:
             found = sorted(local.rglob(ONNX_FILENAME))
             if not found:
                 raise RegistryError(
-                    f"{info.uri} has no {ONNX_FILENAME}: the version is not an ONNX-flavor model",
+                    f"{info.uri} has no {ONNX_FILENAME} at {artifact_uri}:"
+                    " the version is not an ONNX-flavor model",
                     retryable=False,
                 )
             # Keep the whole directory: large ONNX models keep their weights in external-data files beside it.

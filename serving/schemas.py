@@ -90,6 +90,8 @@ class ModelStatus(BaseModel):
     version: str | None
     alias: str | None
     uri: str
+    # float32, the registered model, or int8, the one quantised from it (SERVING_MODEL_PRECISION).
+    precision: Literal["float32", "int8"] = "float32"
     state: Literal["loading", "ready"]
     loaded_from_cache: bool | None = None
     load_seconds: float | None = None
@@ -139,22 +141,36 @@ class V2Tensor(BaseModel):
     name: str = Field(..., max_length=256)
     shape: list[Annotated[int, Field(strict=True, ge=0)]] = Field(..., max_length=8)
     datatype: V2Datatype
-    parameters: dict[str, Any] | None = None
-    data: list[Any] = Field(..., description="Row-major tensor contents, flat or nested.")
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "`binary_data_size`: the tensor is sent as that many little-endian bytes after the JSON "
+            "(binary tensor data extension) instead of in `data`."
+        ),
+    )
+    data: list[Any] | None = Field(
+        None, description="Row-major tensor contents, flat or nested; absent for a binary tensor."
+    )
 
 
 class V2RequestedOutput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    parameters: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data`: return this output as binary tensor data (default: the request's)."
+    )
 
 
 class V2InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, max_length=256)
-    parameters: dict[str, Any] | None = None
+    # KServe's client repeats the model's name in the body; the path is what selects the model.
+    model_name: str | None = Field(None, max_length=256, description="Ignored: the path names the model.")
+    parameters: dict[str, Any] | None = Field(
+        None, description="`binary_data_output`: return every output as binary tensor data."
+    )
     inputs: list[V2Tensor] = Field(..., min_length=1, max_length=1)
     outputs: list[V2RequestedOutput] | None = None
 
@@ -163,7 +179,9 @@ class V2OutputTensor(BaseModel):
     name: str
     shape: list[int]
     datatype: str
-    data: list[Any]
+    data: list[Any] | None = Field(
+        None, description="Absent when the output follows the JSON as binary data (binary_data_size)."
+    )
     parameters: dict[str, Any] | None = None
 
 
@@ -206,3 +224,29 @@ class V2Ready(BaseModel):
 class V2ModelReady(BaseModel):
     name: str
     ready: bool
+
+
+# --- Explanations and the live WebSocket ----------------------------------------------------------
+
+UnitGrid = Annotated[list[list[float]], Field(min_length=28, max_length=28)]
+
+
+class ExplainResponse(PredictResponse):
+    saliency: UnitGrid = Field(
+        ...,
+        description=(
+            "28x28 occlusion sensitivity over `input`: the mean drop of `digit`'s probability when a "
+            "patch covering the pixel is blacked out (negative where hiding it made the digit likelier)."
+        ),
+    )
+    input: UnitGrid = Field(..., description="The 28x28 image the model saw (0..1, white digit on black).")
+    patch: int = Field(..., description="Side of the occluding square, in pixels of `input`.")
+    stride: int
+
+
+class LiveRequest(Instance):
+    """One frame on `/ws/predict`: a `/predict` body, plus an id echoed in the answer and whether to
+    explain it."""
+
+    id: int | str | None = Field(None, description="Echoed in the answer, to match answers to frames.")
+    explain: bool = Field(False, description="Add `saliency` and `input` as in `POST /explain`.")

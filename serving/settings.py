@@ -62,9 +62,17 @@ class Settings(BaseSettings):
     )
     # Name used by the Open Inference Protocol routes; defaults to the registered model's name.
     served_model_name: str | None = None
+    # Which of the version's two ONNX models to serve: the registered float one, or the int8 one the
+    # training quantised from it (the version's `onnx_int8_artifact` tag; a version without one is a
+    # permanent load error). Same version, same promotion: only the arithmetic differs.
+    model_precision: Literal["float32", "int8"] = Field(
+        default="float32", description="float32 or int8 (the version's statically quantised model)."
+    )
 
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
+    # The Open Inference Protocol's gRPC service and gRPC health, on `host`, in every worker.
+    grpc_port: int = Field(default=8081, ge=0, le=65535, description="gRPC port; 0 disables gRPC.")
     workers: int = Field(default=1, ge=1, le=64)
 
     # One intra-op thread per worker: with several workers or replicas per node, more threads only
@@ -80,6 +88,16 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(default=128, ge=1, description="In-flight inference requests before 503.")
     # Bodies larger than this are decoded and run in a worker thread so the event loop keeps serving.
     inline_max_bytes: int = Field(default=16 * 1024, ge=0)
+
+    # Adaptive batching (serving/batching.py): requests that arrive while the model is busy share its
+    # next call. A lone request never waits; the budget caps how long a batch keeps taking joiners.
+    # On by default: under concurrent load it serves requests in arrival order, which keeps the tail
+    # latency down, for ~25 us of CPU per lone request.
+    batching_enabled: bool = True
+    batching_max_batch_size: int = Field(default=32, ge=1, le=4096, description="Images per model call.")
+    batching_max_latency_ms: float = Field(
+        default=2.0, ge=0, le=1000, description="Longest a queued request waits for its batch to fill."
+    )
 
     rate_limit_per_second: float = Field(
         default=0.0, ge=0.0, description="Per-client requests/s; 0 disables."
@@ -101,6 +119,23 @@ class Settings(BaseSettings):
     # ready, and becomes ready by itself once a model is promoted.
     load_retry_max_seconds: float = Field(default=30.0, gt=0)
     registry_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # Tracing (serving/tracing.py): OTLP/gRPC export to this endpoint, http://collector:4317 in plain
+    # text or https:// with TLS; unset (or blank), tracing is off and the SDK is never imported.
+    # OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER and OTEL_EXPORTER_OTLP_HEADERS keep their standard meaning.
+    otlp_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "SERVING_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+    )
+
+    @field_validator("otlp_endpoint", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_mode.processes import ChildProcess, LoopbackServer, free_port, http_ok
+from local_mode.processes import ChildProcess, LoopbackServer, free_ports, http_ok
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +30,8 @@ class ServedModel:
 class ServingProcess(LoopbackServer):
     """`python -m serving` as a child process; the environment is all its configuration."""
 
+    grpc_port: int = 0  # SERVING_GRPC_PORT; 0 when gRPC is disabled
+
     @classmethod
     def start(
         cls,
@@ -42,13 +44,15 @@ class ServingProcess(LoopbackServer):
         wait_ready: bool = True,
         timeout: float = 90.0,
     ) -> ServingProcess:
-        port = free_port()
+        # Never the default gRPC port: servers of concurrent tests would fight over it.
+        port, grpc_port = free_ports(2)
         environment = {
             **os.environ,
             "PYTHONPATH": str(REPO_ROOT),
             "MLFLOW_TRACKING_URI": tracking_uri,
             "SERVING_HOST": "127.0.0.1",
             "SERVING_PORT": str(port),
+            "SERVING_GRPC_PORT": str(grpc_port),
             "SERVING_MODEL_URI": model_uri,
             "SERVING_MODEL_CACHE_DIR": str(cache_dir),
             "SERVING_LOG_FORMAT": "json",
@@ -63,6 +67,7 @@ class ServingProcess(LoopbackServer):
             cwd=REPO_ROOT,
         )
         server = cls(child, port)
+        server.grpc_port = int(environment["SERVING_GRPC_PORT"])
         try:
             server.wait_live(timeout)
             if wait_ready:

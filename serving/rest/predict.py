@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving import codec, context
-from serving.dataplane import DataPlane, Inference
+from serving import codec, context, tracing
+from serving.dataplane import Batch, DataPlane
 from serving.rest.http import (
     ERROR_RESPONSES,
     RawRoute,
@@ -37,25 +37,29 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
         ctx = context.current()
         if is_json(media):
 
-            def work() -> Inference:
-                parsed = PredictRequest.model_validate_json(body)
-                # Not ready is reported before anything about the input: the client should retry.
-                dataplane.require_model()
-                if parsed.pixels is not None:
-                    batch = codec.decode_pixels(parsed.pixels)
-                else:
-                    batch = codec.decode_instances([parsed], limits)
-                return dataplane.infer(batch, "predict", ctx.started)
+            def work() -> Batch:
+                with tracing.decode():
+                    parsed = PredictRequest.model_validate_json(body)
+                    # Not ready is reported before anything about the input: the client should retry.
+                    dataplane.require_model()
+                    if parsed.pixels is not None:
+                        batch = codec.decode_pixels(parsed.pixels)
+                    else:
+                        batch = codec.decode_instances([parsed], limits)
+                return batch
 
         elif media in IMAGE_TYPES:
 
-            def work() -> Inference:
+            def work() -> Batch:
                 dataplane.require_model()
-                return dataplane.infer(codec.decode_image(body, limits), "predict", ctx.started)
+                with tracing.decode():
+                    batch = codec.decode_image(body, limits)
+                return batch
 
         else:
             raise unsupported_media(media, "application/json or an image type")
-        result = await run(body, inline_max_bytes, work)
+        # Decoding may take a worker thread; the model call joins the batcher on the event loop.
+        result = await dataplane.infer_async(await run(body, inline_max_bytes, work), "predict", ctx.started)
         response = codec.encode_prediction(result, 0)
         response["model_name"] = dataplane.name
         response["model_version"] = dataplane.version
@@ -68,13 +72,15 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
         require_json(request)
         ctx = context.current()
 
-        def work() -> Inference:
-            parsed = BatchRequest.model_validate_json(body)
-            dataplane.require_model()
-            batch = codec.decode_instances(parsed.instances, limits)
-            return dataplane.infer(batch, "predict_batch", ctx.started)
+        def work() -> Batch:
+            with tracing.decode():
+                parsed = BatchRequest.model_validate_json(body)
+                dataplane.require_model()
+                batch = codec.decode_instances(parsed.instances, limits)
+            return batch
 
-        result = await run(body, inline_max_bytes, work)
+        batch = await run(body, inline_max_bytes, work)
+        result = await dataplane.infer_async(batch, "predict_batch", ctx.started)
         return json_response(
             {
                 "predictions": [codec.encode_prediction(result, i) for i in range(len(result.digits))],

@@ -1,7 +1,9 @@
 """REST adapter for the Open Inference Protocol (KServe v2), so KServe and Triton clients work unchanged.
 
 Every model route exists unversioned and under `/versions/{version}`; one handler serves both paths
-(the version, when present, must be the served one). The tensor encoding is `serving.codec`'s.
+(the version, when present, must be the served one). The tensor encoding is `serving.codec`'s, with
+the binary tensor data extension: tensors as raw bytes after a JSON header whose length the
+`Inference-Header-Content-Length` header gives, both ways.
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving import __version__, codec, context
-from serving.dataplane import DataPlane
+from serving import __version__, codec, context, tracing
+from serving.dataplane import Batch, DataPlane, Inference
 from serving.model import NUM_CLASSES
 from serving.rest.http import (
     ERROR_RESPONSES,
     RawRoute,
     Responses,
+    is_json,
     json_body_spec,
     json_response,
+    media_type,
     path_parameters,
-    require_json,
     run,
+    unsupported_media,
 )
 from serving.schemas import (
     ErrorResponse,
@@ -39,6 +43,8 @@ from serving.schemas import (
 
 PREFIX = "/v2"
 SERVER_NAME = "mnist-serving"
+EXTENSIONS = ["binary_tensor_data"]
+OCTET_STREAM = "application/octet-stream"
 TAG = "open inference protocol (v2)"
 NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "No such model or version."}}
 NOT_READY: Responses = {503: {"model": ErrorResponse, "description": "Not ready."}}
@@ -50,6 +56,23 @@ _VERSION_PARAMETER = {
     "required": True,
     "schema": {"title": "Version", "type": "string"},
 }
+_BINARY_HEADER_PARAMETER = {
+    "name": codec.BINARY_HEADER,
+    "in": "header",
+    "required": False,
+    "description": "Length of the JSON part of a body whose binary tensor data follows it.",
+    "schema": {"type": "integer", "minimum": 0},
+}
+_BINARY_RESPONSE: Responses = {
+    200: {
+        "description": (
+            "JSON, or (when any output is requested as binary data) application/octet-stream: the "
+            "JSON header, of the length the Inference-Header-Content-Length header gives, then the "
+            "outputs' bytes."
+        ),
+        "content": {OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 def _version(request: Request) -> str | None:
@@ -57,12 +80,20 @@ def _version(request: Request) -> str | None:
     return version
 
 
+def _check_media(request: Request, binary: bool) -> None:
+    media = media_type(request)
+    # Triton's HTTP client sends no Content-Type at all; KServe's sends octet-stream with binary data.
+    if not media or is_json(media) or (binary and media == OCTET_STREAM):
+        return
+    raise unsupported_media(media, f"application/json, or {OCTET_STREAM} with {codec.BINARY_HEADER}")
+
+
 def register(router: APIRouter, dataplane: DataPlane) -> None:
     limits = codec.Limits.from_settings(dataplane.settings)
     inline_max_bytes = dataplane.settings.inline_max_bytes
 
     async def server_metadata() -> V2ServerMetadata:
-        return V2ServerMetadata(name=SERVER_NAME, version=__version__, extensions=[])
+        return V2ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     async def server_live() -> V2Live:
         return V2Live(live=True)
@@ -94,23 +125,35 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
         params = request.path_params
         dataplane.check_name(params["name"], params.get("version"))
         body = await request.body()
-        require_json(request)
+        header_lengths = request.headers.getlist(codec.BINARY_HEADER)
+        _check_media(request, bool(header_lengths))
         ctx = context.current()
 
-        def work() -> dict[str, Any]:
-            parsed = V2InferenceRequest.model_validate_json(body)
-            model = dataplane.require_model()
-            batch = codec.decode_v2_input(parsed.inputs[0], model.input_name, limits)
-            result = dataplane.infer(batch, "v2_infer", ctx.started)
-            requested = [output.name for output in parsed.outputs or ()]
-            return {
-                "model_name": dataplane.name,
-                "model_version": dataplane.version,
-                "id": parsed.id if parsed.id is not None else ctx.request_id,
-                "outputs": codec.encode_v2_outputs(result, requested, model.output_name),
-            }
+        def work() -> tuple[Batch, Callable[[Inference], tuple[bytes, int | None]]]:
+            with tracing.decode():
+                header, tail = codec.split_binary_body(body, header_lengths)
+                parsed = V2InferenceRequest.model_validate_json(header)
+                model = dataplane.require_model()
+                raw = codec.binary_inputs(parsed.inputs, tail)
+                requested = codec.requested_v2_outputs(parsed, model.output_name)
+                batch = codec.decode_v2_input(parsed.inputs[0], model.input_name, limits, raw[0])
 
-        return json_response(await run(body, inline_max_bytes, work))
+            def encode(result: Inference) -> tuple[bytes, int | None]:
+                head = {
+                    "model_name": dataplane.name,
+                    "model_version": dataplane.version,
+                    "id": parsed.id if parsed.id is not None else ctx.request_id,
+                }
+                return codec.encode_v2_response(head, result, requested, model.output_name)
+
+            return batch, encode
+
+        # Decoding may take a worker thread; the model call joins the batcher on the event loop.
+        batch, encode = await run(body, inline_max_bytes, work)
+        content, header_length = encode(await dataplane.infer_async(batch, "v2_infer", ctx.started))
+        if header_length is None:
+            return Response(content, media_type="application/json")
+        return Response(content, media_type=OCTET_STREAM, headers={codec.BINARY_HEADER: str(header_length)})
 
     def get(path: str, endpoint: Callable[..., Any], name: str, summary: str, **kwargs: Any) -> None:
         router.add_api_route(
@@ -127,8 +170,11 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
             summary=summary,
             tags=[TAG],
             response_model=V2InferenceResponse,
-            responses={**ERROR_RESPONSES, **NOT_FOUND},
-            openapi_extra={**json_body_spec("V2InferenceRequest"), "parameters": parameters},
+            responses={**ERROR_RESPONSES, **NOT_FOUND, **_BINARY_RESPONSE},
+            openapi_extra={
+                **json_body_spec("V2InferenceRequest", (OCTET_STREAM,)),
+                "parameters": [*parameters, _BINARY_HEADER_PARAMETER],
+            },
         )
 
     # Each path keeps its own route name: the names are the OpenAPI operation ids' stems.

@@ -1,5 +1,7 @@
 // The digit recognizer page: a drawing pad (mouse, pen and touch through Pointer Events) and an
-// image upload, both sent to POST /predict as a base64 PNG/JPEG. No libraries, no network but ours.
+// image upload, both sent to POST /predict as a base64 PNG/JPEG. While the person draws, the pad is
+// also streamed over the /ws/predict WebSocket for live predictions with their occlusion heat-map.
+// No libraries, no network but ours.
 "use strict";
 
 (function () {
@@ -19,7 +21,12 @@
     requestId: document.getElementById("request-id"),
     inverted: document.getElementById("inverted-note"),
     upload: document.getElementById("upload"),
+    source: document.getElementById("source"),
+    explanation: document.getElementById("explanation"),
+    heatmap: document.getElementById("heatmap"),
+    liveStatus: document.getElementById("live-status"),
   };
+  const heat = els.heatmap.getContext("2d");
 
   // Black ink on white, like paper: the server detects dark-on-light input and inverts it.
   const INK = "#000000";
@@ -28,6 +35,17 @@
   let dirty = false;
   let last = null;
   let inFlight = 0;
+
+  // Live frames: at most one per LIVE_INTERVAL_MS while drawing; the server answers the newest.
+  const LIVE_INTERVAL_MS = 100;
+  let socket = null;
+  let reconnectDelay = 500;
+  let seq = 0; // id of the last frame sent
+  let ignoreBelow = 1; // answers to older frames describe a drawing that is gone
+  let submitted = 0; // the frame sent with the last submission: only its heat-map is wanted
+  let liveTimer = null;
+  let lastLiveAt = -Infinity;
+  const sentAt = new Map();
 
   function clearPad() {
     ctx.fillStyle = PAPER;
@@ -62,6 +80,8 @@
     last = point(event);
     stroke(last, last);
     dirty = true;
+    document.body.dataset.state = "drawing";
+    scheduleLive();
   });
   pad.addEventListener("pointermove", (event) => {
     if (!drawing) return;
@@ -69,10 +89,13 @@
     const next = point(event);
     stroke(last, next);
     last = next;
+    scheduleLive();
   });
   function endStroke(event) {
     if (!drawing) return;
     drawing = false;
+    clearTimeout(liveTimer);
+    liveTimer = null;
     if (pad.hasPointerCapture(event.pointerId)) pad.releasePointerCapture(event.pointerId);
     predictPad();
   }
@@ -81,6 +104,8 @@
 
   document.getElementById("clear").addEventListener("click", () => {
     clearPad();
+    ignoreBelow = seq + 1;
+    els.explanation.hidden = true;
     showPlaceholder();
   });
   document.getElementById("predict").addEventListener("click", () => predictPad());
@@ -120,10 +145,118 @@
     predict(pad.toDataURL("image/png"));
   }
 
+  // --- live predictions over the WebSocket ------------------------------------------------------
+
+  function connectLive() {
+    const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+    const ws = new WebSocket(`${scheme}//${location.host}/ws/predict`);
+    ws.onopen = () => {
+      socket = ws;
+      reconnectDelay = 500;
+      els.liveStatus.textContent = "Live predictions: on";
+    };
+    ws.onmessage = (event) => onLiveMessage(JSON.parse(event.data));
+    ws.onclose = () => {
+      if (socket === ws) socket = null;
+      els.liveStatus.textContent = "Live predictions: reconnecting\u2026";
+      setTimeout(connectLive, reconnectDelay);
+      reconnectDelay = Math.min(reconnectDelay * 2, 10000);
+    };
+  }
+
+  function sendFrame(message) {
+    if (!socket || socket.readyState !== WebSocket.OPEN) return false;
+    message.id = ++seq;
+    sentAt.set(message.id, performance.now());
+    socket.send(JSON.stringify(message));
+    return true;
+  }
+
+  // Throttled: a frame now if the last one left LIVE_INTERVAL_MS ago, else one when that time is up.
+  function scheduleLive() {
+    if (liveTimer !== null) return;
+    const wait = Math.max(0, lastLiveAt + LIVE_INTERVAL_MS - performance.now());
+    liveTimer = setTimeout(() => {
+      liveTimer = null;
+      if (!drawing) return;
+      lastLiveAt = performance.now();
+      sendFrame({ image: pad.toDataURL("image/png"), explain: true });
+    }, wait);
+  }
+
+  function onLiveMessage(message) {
+    const started = sentAt.get(message.id);
+    sentAt.delete(message.id);
+    if (message.id !== null && message.id < ignoreBelow) return;
+    if (message.type === "error") {
+      // A submission's own error is shown by its /predict answer.
+      if (message.id !== submitted) els.liveStatus.textContent = `Live predictions: ${message.error}`;
+      return;
+    }
+    els.liveStatus.textContent = "Live predictions: on";
+    if (message.saliency) paintHeatmap(message);
+    if (message.id === submitted) return; // the prediction itself came from /predict
+    render(message);
+    els.source.hidden = false;
+    els.latency.textContent = `${message.latency_ms.toFixed(2)} ms`;
+    if (started !== undefined) els.roundtrip.textContent = `${(performance.now() - started).toFixed(1)} ms`;
+    document.body.dataset.live = String(message.id);
+  }
+
+  // The heat-map of a submitted image: over the WebSocket if it is up, else from POST /explain.
+  function explainSubmitted(dataUrl) {
+    if (sendFrame({ image: dataUrl, explain: true })) {
+      submitted = ignoreBelow = seq;
+    } else {
+      submitted = ignoreBelow = ++seq;
+      explainOverHttp(dataUrl, seq);
+    }
+    document.body.dataset.submitted = String(submitted);
+  }
+
+  function explainOverHttp(dataUrl, ticket) {
+    fetch("/explain", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ image: dataUrl }),
+    })
+      .then((response) => (response.ok ? response.json() : null))
+      .then((body) => {
+        if (body && ticket >= ignoreBelow) paintHeatmap({ ...body, id: ticket });
+      })
+      .catch(() => {});
+  }
+
+  // The 28x28 image the model saw in grey, and red-to-yellow where hiding the stroke cost the
+  // answer most (the saliency, scaled to its own maximum: a confident model's drops are tiny).
+  function paintHeatmap(answer) {
+    const { input, saliency } = answer;
+    let peak = 0;
+    for (const row of saliency) for (const v of row) if (v > peak) peak = v;
+    const image = heat.createImageData(28, 28);
+    const px = image.data;
+    for (let y = 0; y < 28; y++) {
+      for (let x = 0; x < 28; x++) {
+        const grey = 150 * input[y][x];
+        const h = peak > 0 ? Math.max(0, saliency[y][x]) / peak : 0;
+        const a = Math.min(1, 1.6 * h);
+        const i = (y * 28 + x) * 4;
+        px[i] = grey * (1 - a) + 255 * a;
+        px[i + 1] = grey * (1 - a) + 255 * Math.max(0, 2 * h - 1) * a;
+        px[i + 2] = grey * (1 - a);
+        px[i + 3] = 255;
+      }
+    }
+    heat.putImageData(image, 0, 0);
+    els.heatmap.dataset.frame = String(answer.id);
+    els.explanation.hidden = false;
+  }
+
   async function predict(dataUrl) {
     const started = performance.now();
     const ticket = ++inFlight;
     els.error.hidden = true;
+    explainSubmitted(dataUrl);
     try {
       const response = await fetch("/predict", {
         method: "POST",
@@ -143,14 +276,21 @@
   }
 
   function showResult(body, roundTripMs) {
+    render(body);
+    els.source.hidden = true;
+    els.latency.textContent = `${body.latency_ms.toFixed(2)} ms`;
+    els.roundtrip.textContent = `${roundTripMs.toFixed(1)} ms`;
+    els.requestId.textContent = body.request_id;
+    document.body.dataset.state = "predicted";
+  }
+
+  // What a /predict answer and a live answer both show.
+  function render(body) {
     els.placeholder.hidden = true;
     els.result.hidden = false;
     els.digit.textContent = String(body.digit);
     els.confidence.textContent = `${(body.confidence * 100).toFixed(1)}%`;
     els.model.textContent = `${body.model_name} v${body.model_version}`;
-    els.latency.textContent = `${body.latency_ms.toFixed(2)} ms`;
-    els.roundtrip.textContent = `${roundTripMs.toFixed(1)} ms`;
-    els.requestId.textContent = body.request_id;
     els.inverted.hidden = !body.inverted;
     els.bars.replaceChildren(
       ...body.probabilities.map((p, digit) => {
@@ -173,7 +313,6 @@
         return li;
       }),
     );
-    document.body.dataset.state = "predicted";
   }
 
   function showPlaceholder() {
@@ -211,4 +350,5 @@
   clearPad();
   showPlaceholder();
   refreshStatus();
+  connectLive();
 })();

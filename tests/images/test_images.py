@@ -64,7 +64,7 @@ PIP_SETTINGS = (
 INSTALLED_PROJECTS = ("contract", "training_job", "operator", "serving")
 INSTALLED_PACKAGES = {
     "training": ("contract", "training_job"),
-    "serving": ("serving", "serving.rest"),
+    "serving": ("serving", "serving.grpc", "serving.rest"),
     "operator": ("contract", "mnist_operator"),
 }
 EXPECTED_ENTRYPOINT = {

@@ -371,7 +371,7 @@ def test_v2_metadata_and_health(
     client: httpx.Client, served_model: ServedModel, served_version: str, input_name: str
 ) -> None:
     server = client.get("/v2").json()
-    assert server["name"] == "mnist-serving" and server["extensions"] == []
+    assert server["name"] == "mnist-serving" and server["extensions"] == ["binary_tensor_data"]
     assert client.get("/v2/health/live").json() == {"live": True}
     assert client.get("/v2/health/ready").json() == {"ready": True}
     metadata = client.get(f"/v2/models/{served_model.name}").json()

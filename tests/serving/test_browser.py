@@ -1,15 +1,19 @@
 """The web page in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium):
-draw a digit with the mouse, upload an image, read the prediction the page shows."""
+draw a digit with the mouse, see the live prediction and its heat-map arrive over the WebSocket while
+drawing, upload an image, read the prediction the page shows."""
 
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
+import numpy.typing as npt
 import pytest
 from PIL import Image
 from selenium import webdriver
@@ -69,6 +73,49 @@ def wait_for_prediction(driver: WebDriver, previous_request_id: str | None = Non
     return {name: driver.find_element(By.ID, name).text for name in fields}
 
 
+def wait_for_live(driver: WebDriver) -> dict[str, str]:
+    """The first live answer: the page marks it with the id of the WebSocket frame it answers."""
+    WebDriverWait(driver, 20).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-live"))
+    fields = ("digit", "confidence", "model", "request-id", "source")
+    return {name: driver.find_element(By.ID, name).text for name in fields}
+
+
+def wait_for_heatmap_of_submission(driver: WebDriver) -> None:
+    def painted(d: WebDriver) -> bool:
+        submitted = d.find_element(By.TAG_NAME, "body").get_attribute("data-submitted")
+        return (
+            submitted is not None
+            and d.find_element(By.ID, "heatmap").get_attribute("data-frame") == submitted
+        )
+
+    WebDriverWait(driver, 20).until(painted)
+
+
+def hot_cells(driver: WebDriver) -> npt.NDArray[np.bool_]:
+    """The heat-map element as the screen shows it, reduced to its 28x28 cells: True where red or
+    yellow dominates (the stroke alone is grey, the background black)."""
+    shot = Image.open(io.BytesIO(driver.find_element(By.ID, "heatmap").screenshot_as_png)).convert("RGB")
+    pixels = np.asarray(shot).astype(int)
+    height, width = pixels.shape[:2]
+    assert height >= 28 and width >= 28, (height, width)
+    assert pixels.std() > 10, "the heat-map is blank"
+    red, blue = pixels[..., 0], pixels[..., 2]
+    hot = (red >= 150) & (red - blue >= 100)
+    cells = np.zeros((28, 28), bool)
+    ys, xs = np.nonzero(hot)
+    cells[ys * 28 // height, xs * 28 // width] = True
+    return cells
+
+
+def near(mask: npt.NDArray[np.bool_], distance: int) -> npt.NDArray[np.bool_]:
+    grown = np.zeros_like(mask)
+    padded = np.pad(mask, distance)
+    for dy in range(2 * distance + 1):
+        for dx in range(2 * distance + 1):
+            grown |= padded[dy : dy + 28, dx : dx + 28]
+    return grown
+
+
 def clear_paper_digit(server: ServingProcess, mnist: Mnist, path: Path) -> int:
     images, labels = mnist
     for index in range(50):
@@ -100,13 +147,26 @@ def test_draw_a_digit_and_upload_an_image(
     WebDriverWait(browser, 20).until(lambda d: "version" in d.find_element(By.ID, "model-status").text)
     assert served_version in browser.find_element(By.ID, "model-status").text
 
-    # Draw a "1" the way a person would: press, drag down in small steps, release.
+    # Draw a "1" the way a person would: press, drag down in small steps...
     pad = browser.find_element(By.ID, "pad")
     actions = ActionChains(browser, duration=10)
     actions.move_to_element_with_offset(pad, 8, -95).click_and_hold()
     for _ in range(19):
         actions.move_by_offset(-1, 10)
-    actions.release().perform()
+    actions.perform()
+    # ...and, the button still down, nothing submitted yet, predictions arrive over the WebSocket.
+    live = wait_for_live(browser)
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "digit").text == "1")
+    body = browser.find_element(By.TAG_NAME, "body")
+    assert body.get_attribute("data-state") == "drawing"
+    assert live["request-id"] == "\u2013" and live["source"] == "LIVE", live
+    assert live["model"].endswith(f"v{served_version}")
+    assert int(body.get_attribute("data-live") or 0) >= 1
+    assert browser.find_element(By.ID, "heatmap").get_attribute("data-frame")
+    assert browser.find_element(By.ID, "explanation").is_displayed()
+    assert browser.find_element(By.ID, "live-status").text == "Live predictions: on"
+    # ...then release: the drawing is submitted to /predict.
+    ActionChains(browser).release().perform()
     drawn = wait_for_prediction(browser)
     assert drawn["digit"] == "1", drawn
     assert drawn["model"].endswith(f"v{served_version}")
@@ -123,7 +183,22 @@ def test_draw_a_digit_and_upload_an_image(
     api = httpx.post(serving_server.url + "/predict", json={"image": data_url}, timeout=10).json()
     assert str(api["digit"]) == drawn["digit"]
     assert f"{api['confidence'] * 100:.1f}%" == drawn["confidence"]
+    assert not browser.find_element(By.ID, "source").is_displayed()  # this answer is /predict's
+
+    # The heat-map of the submitted drawing is painted, and its hot cells lie over the stroke the
+    # model saw (POST /explain says where that is, and where the answer depends on it most).
+    wait_for_heatmap_of_submission(browser)
     browser.save_screenshot(str(SCREENSHOT_DIR / "serving-page-drawn.png"))
+    hot = hot_cells(browser)
+    explained = httpx.post(serving_server.url + "/explain", json={"image": data_url}, timeout=20).json()
+    stroke = np.array(explained["input"]) > 0.1
+    saliency = np.array(explained["saliency"])
+    assert hot.sum() >= 3, "nothing hot on the heat-map"
+    assert hot.sum() < stroke.size / 2
+    # A 4x4 patch over the stroke also covers up to 3 pixels beside it: no farther.
+    assert not (hot & ~near(stroke, 3)).any(), np.argwhere(hot & ~near(stroke, 3))
+    hottest = np.unravel_index(int(saliency.argmax()), saliency.shape)
+    assert hot[hottest], (hottest, np.argwhere(hot))
 
     # Upload a picture of a test digit (big, black on white) through the file input. The fixture
     # model is briefly trained: use a digit it reads right, so the check is about the page.
@@ -132,6 +207,8 @@ def test_draw_a_digit_and_upload_an_image(
     browser.find_element(By.ID, "upload").send_keys(str(upload))
     uploaded = wait_for_prediction(browser, previous_request_id=drawn["request-id"])
     assert uploaded["digit"] == str(label), uploaded
+    wait_for_heatmap_of_submission(browser)
+    assert hot_cells(browser).any()
     browser.save_screenshot(str(SCREENSHOT_DIR / "serving-page-uploaded.png"))
 
     # Clear, then predicting an empty pad explains itself instead of calling the server.

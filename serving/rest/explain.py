@@ -1,0 +1,132 @@
+"""REST adapter: `POST /explain`, one prediction with its occlusion saliency map (`serving.explain`).
+
+The body is a `/predict` body (JSON or raw image bytes). The explanation runs the model once on a batch
+of some 170 images, so it always goes to a worker thread, and the middleware counts it as inference
+(rate and concurrency limits).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+import numpy.typing as npt
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from serving import codec, context, explain, metrics, tracing
+from serving.dataplane import Batch, DataPlane
+from serving.model import Float32Array
+from serving.rest.http import (
+    ERROR_RESPONSES,
+    RawRoute,
+    is_json,
+    json_body_spec,
+    json_response,
+    media_type,
+    unsupported_media,
+)
+from serving.rest.predict import IMAGE_TYPES
+from serving.schemas import ExplainResponse, PredictRequest
+
+ENDPOINT = "explain"
+
+
+def _significant(values: Float32Array, digits: int = 3) -> npt.NDArray[np.float64]:
+    """Rounded to `digits` significant digits: a third of the JSON, and unlike a fixed number of
+    decimals it keeps the tiny drops of a very confident model, whose heat-map would otherwise be 0."""
+    wide = values.astype(np.float64)
+    magnitude = np.floor(np.log10(np.abs(wide), where=wide != 0, out=np.zeros_like(wide)))
+    scale = 10.0 ** (digits - 1 - magnitude)
+    rounded: npt.NDArray[np.float64] = np.round(wide * scale) / scale
+    return rounded
+
+
+def explain_one(dataplane: DataPlane, batch: Batch, endpoint: str, start: float) -> dict[str, Any]:
+    """Blocking: the prediction and saliency of a one-image batch, recorded under `endpoint` like any
+    prediction (the occluded copies are not predictions, so they are not counted)."""
+    model = dataplane.require_model()
+    image = batch.images[0]
+
+    def predict(images: Float32Array) -> Float32Array:
+        with tracing.inference(len(images)):
+            probs = model.predict(images)
+        metrics.observe_model_call(len(images))
+        return probs
+
+    result = explain.explain(image, predict)
+    confidence = result.probabilities[result.digit]
+    metrics.observe_predictions(
+        endpoint,
+        digits=[result.digit],
+        confidences=[confidence],
+        means=[float(image.mean())],
+        inverted=int(batch.inverted[0]),
+        seconds=time.perf_counter() - start,
+    )
+    return {
+        "digit": result.digit,
+        "confidence": confidence,
+        "probabilities": result.probabilities,
+        "inverted": batch.inverted[0],
+        "saliency": _significant(result.saliency).tolist(),
+        "input": np.round(image, 3).tolist(),
+        "patch": explain.PATCH,
+        "stride": explain.STRIDE,
+    }
+
+
+def register(router: APIRouter, dataplane: DataPlane) -> None:
+    limits = codec.Limits.from_settings(dataplane.settings)
+
+    async def explain_route(request: Request) -> Response:
+        body = await request.body()
+        media = media_type(request)
+        ctx = context.current()
+        if is_json(media):
+
+            def decode() -> Batch:
+                parsed = PredictRequest.model_validate_json(body)
+                dataplane.require_model()
+                if parsed.pixels is not None:
+                    return codec.decode_pixels(parsed.pixels)
+                return codec.decode_instances([parsed], limits)
+
+        elif media in IMAGE_TYPES:
+
+            def decode() -> Batch:
+                dataplane.require_model()
+                return codec.decode_image(body, limits)
+
+        else:
+            raise unsupported_media(media, "application/json or an image type")
+
+        def work() -> dict[str, Any]:
+            return explain_one(dataplane, decode(), ENDPOINT, ctx.started)
+
+        response = await anyio.to_thread.run_sync(work)
+        response["model_name"] = dataplane.name
+        response["model_version"] = dataplane.version
+        response["request_id"] = ctx.request_id
+        response["latency_ms"] = ctx.elapsed_ms()
+        return json_response(response)
+
+    router.add_api_route(
+        "/explain",
+        explain_route,
+        methods=["POST"],
+        route_class_override=RawRoute,
+        tags=["predict"],
+        response_model=ExplainResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra=json_body_spec("PredictRequest", IMAGE_TYPES),
+        summary="Classify one digit and show where the model looked",
+        description=(
+            "A `/predict` body. Adds `saliency`, a 28x28 occlusion-sensitivity map over `input` (the 28x28 "
+            f"image the model saw): a {explain.PATCH}x{explain.PATCH} black patch slides with stride "
+            f"{explain.STRIDE}, and each pixel scores the mean drop of the predicted digit's probability "
+            "when it is covered. One batched model call."
+        ),
+    )
