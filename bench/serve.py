@@ -1,258 +1,162 @@
-"""`make bench-serve`: the prediction service under load, against the two designs users would
-otherwise pick, in one run on one model version.
+"""`make bench-serve`: the prediction service under load against the servers users would otherwise
+pick, all serving the same registered ONNX model version, in one run on one machine.
 
-- ours: `python -m serving` (ONNX Runtime, all validation, metrics and JSON access logs on);
-  single-image `/predict` and `/v2/models/{name}/infer` at concurrency 1, 16 and 64, and images/s
-  through `/predict/batch`.
-- `mlflow models serve` on the same version's Keras model (`keras_model_uri` tag),
-  `--env-manager local`.
-- naive: FastAPI calling Keras `model.predict` per request (`naive_app` below).
+The model is the champion architecture (residual-bn), trained briefly by the real training
+entrypoint (the architecture, not the accuracy, sets the inference cost) and registered in a
+throw-away MLflow server. Then each server runs ALONE (started, measured, stopped before the next),
+with ONE worker, on loopback:
 
-Every server runs alone with one worker; wrk (Debian's) generates the load from another process on
-loopback, with a 784-float JSON body. The model is a small CNN trained briefly by the real training
-entrypoint and registered in a throw-away MLflow server. Table on stdout, JSON in
-bench/results/serve.json. The machine is shared, so each run records the load average it saw.
+- ours: `python -m serving` as deployed (validation, metrics, JSON access logs on): `/predict`,
+  `/v2/models/{name}/infer` (Open Inference Protocol REST) and OIP gRPC when the service has it;
+  images/s with 256 images per request through `/predict/batch` and OIP; seconds from spawn to
+  `/health/ready` with the artifact already in the cache (several runs, median).
+- MLServer 1.7 with its MLflow runtime on the same version's ONNX pyfunc (OIP REST and gRPC).
+- KServe 0.21's Python ModelServer with a minimal custom model running the same ONNX file
+  (bench/kserve_model.py; OIP REST and gRPC).
+- `mlflow models serve` on the same ONNX version (pyfunc, `--env-manager local`).
+- `mlflow models serve` on the version's Keras flavour: what the seed's design would have served.
+
+Every ONNX server runs the same bytes (graph and weights, checked by sha256) with ONNX Runtime
+limited to one intra-op and one inter-op thread, the prediction service's setting (for MLflow's
+pyfunc through the flavour's own `onnx_session_options` in a downloaded copy of the version). The
+request is one 28x28 image as FP32 in each server's protocol; each server's answer is checked (same
+digit) before it is loaded. Peers run in their default configuration apart from ports and one
+worker (MLServer: `parallel_workers` 0, inference in the server process like the others;
+`--mlserver-parallel-workers 1` for its default).
+
+Load: wrk for HTTP and ghz (or bench.grpc_load) for gRPC at concurrency 1, 16 and 64, with a 60 s
+timeout so no slow response is dropped from the percentiles; every row reports req/s, p50, p99, max,
+errors and timeouts. Ratios to the best of MLServer and KServe and the issue's targets are computed
+from this run's rows and printed as met / MISSED. Table on stdout; JSON (with the load average before
+and after) in bench/results/serve.json, or `--output`. `--quick` is a smoke run (short durations):
+write it elsewhere, a busy machine's figures are not results.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import hashlib
 import json
 import os
-import platform
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from pydantic import BaseModel
 
+from bench import loadgen, peers_serve, serve_summary
+from bench.peers_serve import Server
 from bench.report import write_results
-from local_mode.processes import ChildProcess, free_port, http_ok
+from local_mode.processes import ProcessExitedError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "serve.json"
 CONCURRENCY = (1, 16, 64)
-BATCH_SIZES = (32, 256)
+RATIO_CONCURRENCY = serve_summary.RATIO_CONCURRENCY
+BATCH_SIZE = serve_summary.BATCH_SIZE
 BATCH_CONCURRENCY = 2
-
-WRK_SCRIPT = r"""
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
-wrk.body = f:read("*a")
-f:close()
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'BENCH_JSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p95_us":%d,"p99_us":%d,"mean_us":%.1f,' ..
-    '"max_us":%d,"connect_errors":%d,"read_errors":%d,"write_errors":%d,"status_errors":%d,"timeouts":%d}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99), latency.mean, latency.max, e.connect, e.read, e.write, e.status, e.timeout))
-end
-"""
-
-
-# --- the naive baseline: Keras model.predict per request inside FastAPI ----------------------------
-
-
-class NaiveBody(BaseModel):
-    pixels: list[list[float]]
-
-
-def naive_app() -> Any:
-    """What a first version often looks like: the training framework in the request path."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import mlflow.keras
-    from fastapi import FastAPI
-
-    model = mlflow.keras.load_model(os.environ["BENCH_KERAS_MODEL_URI"])
-    app = FastAPI()
-
-    @app.get("/ping")
-    def ping() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.post("/predict")
-    def predict(body: NaiveBody) -> dict[str, Any]:
-        x = np.asarray(body.pixels, dtype=np.float32).reshape(1, 28, 28, 1)
-        probabilities = model.predict(x, verbose=0)[0]
-        return {"digit": int(probabilities.argmax()), "probabilities": probabilities.tolist()}
-
-    return app
-
-
-# --- processes ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    child: ChildProcess
-    url: str
-
-    @property
-    def name(self) -> str:
-        return self.child.name
-
-    def stop(self) -> None:
-        self.child.stop(30)
-
-    def wait(self, path: str, timeout: float) -> float:
-        """Seconds from process start until `path` answers 200 (polled every 20 ms: this is a start-up
-        time measurement, so the poll interval bounds its resolution)."""
-        self.child.wait_ready(lambda: http_ok(self.url + path), timeout, f"{path} answered", interval=0.02)
-        return time.monotonic() - self.child.started
-
-
-def launch(name: str, command: list[str], env: dict[str, str], port: int, workdir: Path) -> Server:
-    environment = {
-        **os.environ,
-        # `mlflow models serve` execs `uvicorn` by name: it must find the virtualenv's.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO_ROOT),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-        **env,
-    }
-    child = ChildProcess.spawn(name, command, workdir / f"{name}.log", env=environment, cwd=REPO_ROOT)
-    return Server(child, f"http://127.0.0.1:{port}")
-
-
-@contextmanager
-def running(server: Server) -> Iterator[Server]:
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def ours(tracking_uri: str, model_name: str, cache: Path, workdir: Path) -> Server:
-    port = free_port()
-    env = {
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        "SERVING_HOST": "127.0.0.1",
-        "SERVING_PORT": str(port),
-        "SERVING_WORKERS": "1",
-        "SERVING_MODEL_URI": f"models:/{model_name}@champion",
-        "SERVING_MODEL_CACHE_DIR": str(cache),
-    }
-    return launch("serving", [sys.executable, "-m", "serving"], env, port, workdir)
-
-
-def mlflow_models_serve(tracking_uri: str, keras_model_uri: str, workdir: Path) -> Server:
-    port = free_port()
-    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-    command = [
-        mlflow_cli, "models", "serve",
-        "-m", keras_model_uri,
-        "--env-manager", "local",
-        "-h", "127.0.0.1",
-        "-p", str(port),
-        "-w", "1",
-    ]  # fmt: skip
-    return launch("mlflow-models-serve", command, {"MLFLOW_TRACKING_URI": tracking_uri}, port, workdir)
-
-
-def naive(tracking_uri: str, keras_model_uri: str, workdir: Path) -> Server:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "uvicorn", "bench.serve:naive_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--no-access-log",
-    ]  # fmt: skip
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "BENCH_KERAS_MODEL_URI": keras_model_uri}
-    return launch("naive-fastapi-keras", command, env, port, workdir)
-
-
-# --- load ----------------------------------------------------------------------------------------------
-
-
-def wrk(url: str, body: Path, concurrency: int, seconds: float, script: Path) -> dict[str, Any]:
-    command = [
-        "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "5s", "-s", str(script), url,
-    ]  # fmt: skip
-    completed = subprocess.run(
-        command,
-        env={**os.environ, "BENCH_BODY": str(body)},
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-    )
-    line = next((x for x in completed.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed:\n{completed.stdout}\n{completed.stderr}")
-    raw = json.loads(line.removeprefix("BENCH_JSON "))
-    seconds_run = raw["duration_us"] / 1e6
-    errors = raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["status_errors"]
-    ok = max(0, raw["requests"] - raw["status_errors"])
-    completed_any = raw["requests"] > 0
-
-    def ms(key: str) -> float | None:
-        # No completed request (a server stalled for the whole run) has no latency, not a zero one.
-        return round(raw[key] / 1000, 3) if completed_any else None
-
-    return {
-        "concurrency": concurrency,
-        "requests": raw["requests"],
-        "rps": round(ok / seconds_run, 1),
-        "p50_ms": ms("p50_us"),
-        "p95_ms": ms("p95_us"),
-        "p99_ms": ms("p99_us"),
-        "max_ms": ms("max_us"),
-        "errors": errors,
-        "timeouts": raw["timeouts"],
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }
-
-
-def _ms(value: float | None, width: int = 8) -> str:
-    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}s}"
+ARCHITECTURE = "residual-bn"
+ONNX_THREADS = {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
+START_TIMEOUT = 600.0
+# A row with fewer responses than this per connection is run again, longer (up to --max-duration).
+MIN_REQUESTS_PER_CONNECTION = 5
 
 
 @dataclass(frozen=True)
 class Load:
-    script: Path
     duration: float
     warmup: float
+    wrk_script: Path
+    ghz: Path | None
+    proto: Path
+    max_duration: float
+
+    @property
+    def grpc_loadgen(self) -> str:
+        return f"ghz {loadgen.GHZ_VERSION}" if self.ghz else "bench.grpc_load (grpc.aio, 2 processes)"
+
+    def one(
+        self, server: Server, route: str, target: str, body: Path, *, c: int, seconds: float
+    ) -> dict[str, Any]:
+        if route == "gRPC":
+            if self.ghz is not None:
+                return loadgen.run_ghz(
+                    self.ghz, target=target, proto=self.proto, request=body, concurrency=c, seconds=seconds
+                )
+            return loadgen.run_grpc_aio(target, body, c, seconds)
+        return loadgen.run_wrk(server.url + target, body, c, seconds, self.wrk_script)
+
+    def drain(self, server: Server, route: str, target: str, body: Path) -> None:
+        """wrk closes its connections at the deadline, but the server still works off what they had
+        sent: one more request, answered after that backlog, keeps it out of the next row. (ghz and
+        bench.grpc_load wait for their calls, so gRPC leaves none.)"""
+        if route == "gRPC":
+            return
+        with contextlib.suppress(httpx.HTTPError):  # the next row reports what is wrong, if anything
+            httpx.post(
+                server.url + target,
+                content=body.read_bytes(),
+                headers={"Content-Type": "application/json"},
+                timeout=loadgen.TIMEOUT_SECONDS * 2,
+            )
 
     def measure(
-        self, server: Server, path: str, body: Path, label: str, concurrency: tuple[int, ...] = CONCURRENCY
+        self, server: Server, route: str, target: str, body: Path, concurrency: tuple[int, ...]
     ) -> list[dict[str, Any]]:
-        results = []
+        rows = []
         for c in concurrency:
-            wrk(server.url + path, body, c, self.warmup, self.script)  # connections, caches, allocator
-            result = {
+            if self.warmup > 0:  # connections, caches, the allocator; not recorded
+                self.one(server, route, target, body, c=c, seconds=self.warmup)
+                self.drain(server, route, target, body)
+            seconds = self.duration
+            while True:
+                result = self.one(server, route, target, body, c=c, seconds=seconds)
+                self.drain(server, route, target, body)
+                # A slow server answers few requests per connection in a short row, and the ones left
+                # in flight at the deadline (uncounted by wrk) are its slowest: run it longer.
+                if result["requests"] >= MIN_REQUESTS_PER_CONNECTION * c or seconds >= self.max_duration:
+                    break
+                wanted = MIN_REQUESTS_PER_CONNECTION * c * 1.2 / max(1, result["requests"])
+                seconds = min(self.max_duration, seconds * max(2.0, wanted))
+                print(
+                    f"  {server.name} {route} c={c}: {result['requests']} responses; again for {seconds:g}s"
+                )
+            row = {
                 "server": server.name,
-                "endpoint": label,
-                **wrk(server.url + path, body, c, self.duration, self.script),
+                "route": route,
+                "target": target,
+                **result,
+                "load_average_1m": round(os.getloadavg()[0], 2),
             }
             print(
-                f"  {server.name:22s} {label:26s} c={c:<3d} {result['rps']:>9.1f} req/s"
-                f"  p50 {_ms(result['p50_ms'])} ms  p95 {_ms(result['p95_ms'])}  p99 {_ms(result['p99_ms'])}"
-                f"  errors {result['errors']}  timeouts {result['timeouts']}"
-                f"  (load {result['load_average_1m']})",
-                flush=True,
+                "  " + serve_summary.format_rows([row])[1] + f"  (load {row['load_average_1m']})", flush=True
             )
-            results.append(result)
-        return results
+            rows.append(row)
+        return rows
 
 
-# --- the run ---------------------------------------------------------------------------------------------
+# --- the model ---------------------------------------------------------------------------------------
 
 
 def train(tracking_uri: str, max_train_samples: int, workdir: Path) -> dict[str, Any]:
-    """The small CNN, trained and registered (alias champion) by the real training entrypoint."""
+    """The champion architecture, one epoch on a subset, trained and registered (alias champion) by
+    the real training entrypoint."""
     command = [
         sys.executable, "-m", "training_job", "train",
         f"--tracking-uri={tracking_uri}",
-        "--architecture=baseline",
+        f"--architecture={ARCHITECTURE}",
         "--epochs=1",
         f"--max-train-samples={max_train_samples}",
         "--run-name=bench-serve",
@@ -267,6 +171,7 @@ def train(tracking_uri: str, max_train_samples: int, workdir: Path) -> dict[str,
         capture_output=True,
         text=True,
         timeout=1800,
+        check=False,
     )
     if completed.returncode != 0:
         raise RuntimeError(f"training failed:\n{completed.stderr[-4000:]}")
@@ -274,64 +179,291 @@ def train(tracking_uri: str, max_train_samples: int, workdir: Path) -> dict[str,
     return result
 
 
-def bodies(workdir: Path, input_name: str) -> dict[str, Path]:
+def download_version(tracking_uri: str, name: str, version: str, destination: Path) -> Path:
+    """The registered version's MLflow model directory (ONNX flavour), with the flavour's session
+    options set to the prediction service's threads, for the servers that load it through MLflow."""
+    import mlflow
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    # The registry by its tracking URI explicitly: `models:/` alone would consult the default registry.
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    source = client.get_model_version_download_uri(name, version)
+    path = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=source, dst_path=str(destination), tracking_uri=tracking_uri
+        )
+    )
+    mlmodel = Model.load(str(path / "MLmodel"))
+    mlmodel.flavors["onnx"]["onnx_session_options"] = dict(ONNX_THREADS)
+    mlmodel.save(str(path / "MLmodel"))
+    return path
+
+
+def onnx_digest(directory: Path) -> str:
+    """sha256 over the ONNX graph and its external weight files (Keras' exporter writes the weights
+    beside the graph, `<uuid>.data`), so equal digests mean the same model, weights included."""
+    from serving.model_store import ONNX_FILENAME
+
+    digest = hashlib.sha256()
+    for path in [directory / ONNX_FILENAME, *sorted(directory.glob("*.data"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+# --- requests ----------------------------------------------------------------------------------------
+
+
+def bodies(workdir: Path, model_name: str, input_name: str) -> dict[str, Path]:
+    """One image (and 256 for the batch rows) from the MNIST test set, scaled to 0..1 FP32, in each
+    server's protocol."""
     with np.load(REPO_ROOT / "data" / "mnist.npz") as data:
-        images = data["x_test"][:256].astype(np.float32) / 255
-    one = [[float(v) for v in row] for row in images[0]]
+        images = data["x_test"][:BATCH_SIZE].astype(np.float32) / 255
+    one = images[0].tolist()
+    flat = [v for row in one for v in row]
+
+    def v2(count: int) -> dict[str, Any]:
+        data = flat if count == 1 else images[:count].reshape(-1).tolist()
+        return {
+            "inputs": [{"name": input_name, "shape": [count, 28, 28, 1], "datatype": "FP32", "data": data}]
+        }
+
     payloads: dict[str, Any] = {
-        "pixels": {"pixels": one},
-        "v2": {
-            "inputs": [
-                {
-                    "name": input_name,
-                    "shape": [1, 784],
-                    "datatype": "FP32",
-                    "data": [v for row in one for v in row],
-                }
-            ]
-        },
+        "predict": {"pixels": one},
+        "v2": v2(1),
         "mlflow": {"inputs": [[[[v] for v in row] for row in one]]},
+        "batch_predict": {"instances": [{"pixels": images[i].tolist()} for i in range(BATCH_SIZE)]},
+        "batch_v2": v2(BATCH_SIZE),
     }
-    for size in BATCH_SIZES:
-        payloads[f"batch{size}"] = {"instances": [{"pixels": images[i].tolist()} for i in range(size)]}
     paths = {}
-    for name, payload in payloads.items():
-        path = workdir / f"{name}.json"
-        path.write_text(json.dumps(payload))
-        paths[name] = path
+    for key, payload in payloads.items():
+        paths[key] = workdir / f"{key}.json"
+        paths[key].write_text(json.dumps(payload))
+    request = grpc_request(model_name, input_name, flat)
+    if request is not None:
+        paths["grpc"] = workdir / "grpc.bin"
+        paths["grpc"].write_bytes(request)
     return paths
 
 
-def target(description: str, measured: float | None, goal: float, higher_is_better: bool) -> dict[str, Any]:
-    met = measured is not None and (measured >= goal if higher_is_better else measured <= goal)
-    return {"target": description, "goal": goal, "measured": measured, "met": met}
+def grpc_request(model_name: str, input_name: str, flat: list[float]) -> bytes | None:
+    try:
+        from serving.grpc import inference_pb2
+    except ImportError:
+        return None
+    request = inference_pb2.ModelInferRequest(model_name=model_name)
+    tensor = request.inputs.add(name=input_name, datatype="FP32", shape=[1, 28, 28, 1])
+    tensor.contents.fp32_contents.extend(flat)
+    return bytes(request.SerializeToString())
 
 
-def bench_serving(tracking_uri: str, name: str, version: str, workdir: Path, load: Load) -> dict[str, Any]:
+def probabilities_of(document: Any) -> list[float] | None:
+    """The first 10 numbers found in a response: the probabilities, in every protocol here."""
+    if isinstance(document, dict):
+        for value in document.values():
+            if (found := probabilities_of(value)) is not None:
+                return found
+    elif isinstance(document, list):
+        if len(document) == 10 and all(isinstance(v, int | float) for v in document):
+            return [float(v) for v in document]
+        for value in document:
+            if (found := probabilities_of(value)) is not None:
+                return found
+    return None
+
+
+def probe(server: Server, path: str, body: Path) -> list[float] | None:
+    """One request before the load: it must answer 200; returns the probabilities it answered."""
+    response = httpx.post(
+        server.url + path, content=body.read_bytes(), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"{server.name} {path}: HTTP {response.status_code}: {response.text[:500]}")
+    return probabilities_of(response.json())
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    load: Load
+    workdir: Path
+    runs: list[dict[str, Any]]
+    batch: list[dict[str, Any]]
+    failed: list[dict[str, str]]
+    ready: dict[str, Any]
+    answers: dict[str, list[float] | None]
+    servers: dict[str, Any]
+
+    def serve(self, name: str, start: Callable[[], Server], measure: Callable[[Server], None]) -> None:
+        """Start one server, measure it, stop it; a server that cannot start or answer becomes a
+        NOT MEASURED entry and the run goes on."""
+        server: Server | None = None
+        try:
+            server = start()
+            print(f"{server.name}: starting ...", flush=True)
+            seconds = server.wait(START_TIMEOUT)
+            self.ready[server.name] = round(seconds, 3)
+            self.servers[server.name] = server.settings
+            print(f"{server.name}: ready in {seconds:.2f}s", flush=True)
+            measure(server)
+        except Exception as error:  # the run reports it and measures the others
+            print(f"{name}: NOT MEASURED: {error}", file=sys.stderr, flush=True)
+            if not isinstance(error, loadgen.LoadError | ProcessExitedError | TimeoutError):
+                traceback.print_exc()
+            self.failed.append({"server": name, "reason": str(error)[:2000]})
+        finally:
+            if server is not None:
+                server.stop()
+
+    def rest(self, server: Server, route: str, path: str, body: Path, concurrency: tuple[int, ...]) -> None:
+        self.answers[f"{server.name} {route}"] = probe(server, path, body)
+        self.runs += self.load.measure(server, route, path, body, concurrency)
+
+    def grpc(self, server: Server, paths: dict[str, Path], concurrency: tuple[int, ...]) -> None:
+        if server.grpc_target is None or "grpc" not in paths:
+            self.failed.append({"server": f"{server.name} gRPC", "reason": "no gRPC server or stubs"})
+            return
+        self.runs += self.load.measure(server, "gRPC", server.grpc_target, paths["grpc"], concurrency)
+
+
+@dataclass(frozen=True)
+class Model:
+    tracking_uri: str
+    name: str
+    version: str
+    cache: Path
+    directory: Path  # the downloaded MLflow model (ONNX flavour)
+    paths: dict[str, Path]
+
+    @property
+    def alias_uri(self) -> str:
+        return f"models:/{self.name}@champion"
+
+    @property
+    def infer_path(self) -> str:
+        return f"/v2/models/{self.name}/infer"
+
+
+def prepare(state: Run, tracking_uri: str, info: dict[str, Any]) -> Model:
+    """Train and register; start ours cold (filling the cache), then from the warm cache several
+    times; write the request bodies; download the version for the peers, checking it is the ONNX file
+    ours serves."""
+    from serving.model_store import ModelStore
+
+    args, workdir = state.args, state.workdir
+    print(
+        f"training and registering {ARCHITECTURE} (1 epoch, {args.max_train_samples} images) ...", flush=True
+    )
+    trained = train(tracking_uri, args.max_train_samples, workdir)
+    name, version = trained["registered_model"], trained["model_version"]
+    info.update(
+        name=name,
+        version=version,
+        architecture=trained["architecture"],
+        test_accuracy=trained["metrics"].get("test_accuracy"),
+        keras_model_uri=trained["keras_model_uri"],
+    )
     cache = workdir / "cache"
-    cold = ours(tracking_uri, name, cache, workdir)
-    with running(cold):
-        cold_ready = cold.wait("/health/ready", 300)
-        input_name = httpx.get(f"{cold.url}/v2/models/{name}").json()["inputs"][0]["name"]
-    paths = bodies(workdir, input_name)
-    warm = ours(tracking_uri, name, cache, workdir)
-    with running(warm):
-        warm_ready = warm.wait("/health/ready", 120)
-        health = httpx.get(warm.url + "/health").json()
-        assert health["model"]["version"] == version and health["model"]["loaded_from_cache"]
-        print(f"serving: ready in {cold_ready:.2f}s cold, {warm_ready:.2f}s from the warm cache", flush=True)
-        runs = load.measure(warm, "/predict", paths["pixels"], "/predict")
-        runs += load.measure(warm, f"/v2/models/{name}/infer", paths["v2"], "/v2/models/{name}/infer")
-        batch = []
-        for size in BATCH_SIZES:
-            label = f"/predict/batch x{size}"
-            for result in load.measure(
-                warm, "/predict/batch", paths[f"batch{size}"], label, (BATCH_CONCURRENCY,)
-            ):
-                result["batch_size"] = size
-                result["images_per_second"] = round(result["rps"] * size, 1)
-                batch.append(result)
-    return {"cold_ready": cold_ready, "warm_ready": warm_ready, "runs": runs, "batch": batch, "paths": paths}
+    alias_uri = f"models:/{name}@champion"
+    cold = peers_serve.ours(tracking_uri, alias_uri, cache, workdir, name="ours (cold cache)")
+    try:
+        state.ready["ours_cold_cache"] = round(cold.wait(START_TIMEOUT), 3)
+        input_name = httpx.get(f"{cold.url}/v2/models/{name}", timeout=10).json()["inputs"][0]["name"]
+    finally:
+        cold.stop()
+    warm_runs = []
+    for _ in range(args.ready_runs):
+        server = peers_serve.ours(tracking_uri, alias_uri, cache, workdir, name="ours (warm cache)")
+        try:
+            warm_runs.append(round(server.wait(120), 3))
+            health = httpx.get(server.url + "/health", timeout=10).json()
+            if not health["model"]["loaded_from_cache"]:
+                raise RuntimeError(f"the warm start did not load from the cache: {health}")
+        finally:
+            server.stop()
+    state.ready["ours_warm_cache_runs"] = warm_runs
+    state.ready["ours_warm_cache_median"] = round(statistics.median(warm_runs), 3)
+    print(f"ours: ready in {state.ready['ours_cold_cache']}s cold, {warm_runs}s warm", flush=True)
+
+    directory = download_version(tracking_uri, name, version, workdir / "model")
+    info["onnx_sha256"] = onnx_digest(ModelStore(tracking_uri, cache).version_dir(name, version))
+    if onnx_digest(directory) != info["onnx_sha256"]:
+        raise RuntimeError("the downloaded version's ONNX model differs from the one ours serves")
+    return Model(tracking_uri, name, version, cache, directory, bodies(workdir, name, input_name))
+
+
+def measure_all(state: Run, model: Model, keras_model_uri: str) -> None:
+    """Each server alone: started, measured, stopped before the next."""
+    from serving.model_store import ONNX_FILENAME
+    from serving.settings import Settings
+    from testing.peers import peer_python
+
+    args, workdir, paths, load = state.args, state.workdir, model.paths, state.load
+
+    def ours(extra: dict[str, str] | None = None, name: str = "ours") -> Server:
+        return peers_serve.ours(
+            model.tracking_uri, model.alias_uri, model.cache, workdir, extra=extra, name=name
+        )
+
+    def measure_ours(server: Server) -> None:
+        state.rest(server, "/predict", "/predict", paths["predict"], CONCURRENCY)
+        state.rest(server, "/v2", model.infer_path, paths["v2"], CONCURRENCY)
+        state.grpc(server, paths, CONCURRENCY)
+        for route, path, body in (
+            ("/predict/batch", "/predict/batch", paths["batch_predict"]),
+            ("/v2", model.infer_path, paths["batch_v2"]),
+        ):
+            probe(server, path, body)
+            for row in load.measure(server, route, path, body, (BATCH_CONCURRENCY,)):
+                row["batch_size"] = BATCH_SIZE
+                row["images_per_second"] = round(row["rps"] * BATCH_SIZE, 1)
+                state.batch.append(row)
+
+    state.serve("ours", ours, measure_ours)
+
+    # Optional: adaptive batching flipped from its default, where the service has it.
+    batching = Settings.model_fields.get("batching_enabled")
+    if batching is not None:
+        flipped = not bool(batching.default)
+        label = f"ours (batching {'on' if flipped else 'off'})"
+
+        def measure_batching(server: Server) -> None:
+            state.rest(server, "/predict", "/predict", paths["predict"], RATIO_CONCURRENCY)
+            state.rest(server, "/v2", model.infer_path, paths["v2"], RATIO_CONCURRENCY)
+            state.grpc(server, paths, RATIO_CONCURRENCY)
+
+        state.serve(
+            label, lambda: ours({"SERVING_BATCHING_ENABLED": str(flipped).lower()}, label), measure_batching
+        )
+
+    def measure_oip_peer(server: Server) -> None:
+        state.rest(server, "/v2", model.infer_path, paths["v2"], CONCURRENCY)
+        state.grpc(server, paths, CONCURRENCY)
+
+    state.serve(
+        "mlserver",
+        lambda: peers_serve.mlserver(
+            peer_python("mlserver"), model.directory, model.name, workdir, args.mlserver_parallel_workers
+        ),
+        measure_oip_peer,
+    )
+    state.serve(
+        "kserve",
+        lambda: peers_serve.kserve(
+            peer_python("kserve"), model.directory / ONNX_FILENAME, model.name, workdir
+        ),
+        measure_oip_peer,
+    )
+
+    def measure_mlflow(server: Server) -> None:
+        state.rest(server, "/invocations", "/invocations", paths["mlflow"], CONCURRENCY)
+
+    for name, uri in (("mlflow-onnx", str(model.directory)), ("mlflow-keras (seed design)", keras_model_uri)):
+        start = functools.partial(peers_serve.mlflow_models_serve, name, uri, model.tracking_uri, workdir)
+        state.serve(name, start, measure_mlflow)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -339,122 +471,91 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is required: apt-get install wrk (scripts/install-system-deps.sh)")
+    load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     script = workdir / "post.lua"
-    script.write_text(WRK_SCRIPT)
-    load = Load(script, args.duration, args.warmup)
+    script.write_text(loadgen.WRK_SCRIPT)
+    ghz = None if args.grpc_aio else loadgen.ghz_binary()
+    proto = REPO_ROOT / "serving" / "grpc" / "inference.proto"
+    load = Load(args.duration, args.warmup, script, ghz, proto, max(args.duration, args.max_duration))
+    state = Run(args, load, workdir, [], [], [], {}, {}, {})
     mlflow = start_mlflow_server(workdir / "mlflow")
-    results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "duration_seconds": args.duration,
-        "wrk": "wrk -t1 -cN --timeout 5s, keep-alive, one POST body per endpoint",
-    }
+    info: dict[str, Any] = {}
     try:
-        print("training and registering the model ...", flush=True)
-        model = train(mlflow.url, args.max_train_samples, workdir)
-        name, version, keras_uri = model["registered_model"], model["model_version"], model["keras_model_uri"]
-        results["model"] = {
-            "name": name,
-            "version": version,
-            "architecture": model["architecture"],
-            "test_accuracy": model["metrics"].get("test_accuracy"),
-            "keras_model_uri": keras_uri,
-        }
-        serving = bench_serving(mlflow.url, name, version, workdir, load)
-        runs: list[dict[str, Any]] = serving["runs"]
-        paths: dict[str, Path] = serving["paths"]
-        with running(naive(mlflow.url, keras_uri, workdir)) as naive_server:
-            naive_ready = naive_server.wait("/ping", 600)
-            runs += load.measure(naive_server, "/predict", paths["pixels"], "/predict (Keras predict)")
-        with running(mlflow_models_serve(mlflow.url, keras_uri, workdir)) as baseline:
-            mlflow_ready = baseline.wait("/ping", 600)
-            runs += load.measure(baseline, "/invocations", paths["mlflow"], "/invocations")
+        model = prepare(state, mlflow.url, info)
+        measure_all(state, model, info["keras_model_uri"])
     finally:
         mlflow.stop()
-        if not args.keep:
+        if args.keep:
+            print(f"work directory kept: {workdir}")
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
-    results["ready_seconds"] = {
-        "serving_cold_cache": round(serving["cold_ready"], 3),
-        "serving_warm_cache": round(serving["warm_ready"], 3),
-        "naive_fastapi_keras": round(naive_ready, 3),
-        "mlflow_models_serve": round(mlflow_ready, 3),
-    }
-    results["runs"] = runs
-    results["batch"] = serving["batch"]
-    results["targets"] = targets(runs, serving["warm_ready"])
-    return results
-
-
-def targets(runs: list[dict[str, Any]], warm_ready: float) -> dict[str, Any]:
-    def find(server: str, endpoint: str, c: int) -> dict[str, Any] | None:
-        return next(
-            (
-                r
-                for r in runs
-                if r["server"] == server and r["endpoint"] == endpoint and r["concurrency"] == c
-            ),
-            None,
-        )
-
-    ours_1, ours_16 = find("serving", "/predict", 1), find("serving", "/predict", 16)
-    mlflow_16 = find("mlflow-models-serve", "/invocations", 16)
-    ratio = None
-    if ours_16 and mlflow_16 and mlflow_16["rps"] > 0:
-        ratio = round(ours_16["rps"] / mlflow_16["rps"], 1)
+    load_after = os.getloadavg()
     return {
-        "throughput_vs_mlflow_c16": target(
-            "/predict req/s at c=16 over mlflow models serve's", ratio, 50, True
-        ),
-        "p50_c1_ms": target("/predict p50 at c=1 (ms)", ours_1["p50_ms"] if ours_1 else None, 1.0, False),
-        "p99_c16_ms": target(
-            "/predict p99 at c=16 (ms)", ours_16["p99_ms"] if ours_16 else None, 25.0, False
-        ),
-        "ready_warm_cache_s": target("ready after start, warm cache (s)", round(warm_ready, 3), 2.0, False),
+        "mode": "quick" if args.quick else "full",
+        "model": info,
+        "config": {
+            "duration_seconds": args.duration,
+            "warmup_seconds": args.warmup,
+            "max_duration_seconds": args.max_duration,
+            "min_responses_per_connection": MIN_REQUESTS_PER_CONNECTION,
+            "concurrency": list(CONCURRENCY),
+            "http_loadgen": f"wrk -t1 -cN --timeout {loadgen.TIMEOUT_SECONDS}s, keep-alive",
+            "grpc_loadgen": load.grpc_loadgen,
+            "onnx_session_options": ONNX_THREADS,
+            "mlserver_parallel_workers": args.mlserver_parallel_workers,
+            "batch_concurrency": BATCH_CONCURRENCY,
+            "servers": state.servers,
+        },
+        "load_average": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in load_after],
+        },
+        "answers": serve_summary.agreement(state.answers),
+        "runs": state.runs,
+        "batch": state.batch,
+        "failed": state.failed,
+        "ready_seconds": state.ready,
+        "ratios": serve_summary.ratios(state.runs),
+        "targets": serve_summary.evaluate(state.runs, state.batch, state.ready.get("ours_warm_cache_median")),
     }
-
-
-def print_table(results: dict[str, Any]) -> None:
-    model = results["model"]
-    print(f"\nmodel {model['name']} v{model['version']} ({model['architecture']})")
-    head = ("c", "req/s", "p50 ms", "p95 ms", "p99 ms", "err", "t/o")
-    widths = (3, 9, 9, 9, 9, 5, 5)
-    print(
-        f"{'server':22s} {'endpoint':28s} "
-        + " ".join(f"{h:>{w}s}" for h, w in zip(head, widths, strict=True))
-    )
-    for r in results["runs"]:
-        print(
-            f"{r['server']:22s} {r['endpoint']:28s} {r['concurrency']:>3d} {r['rps']:>9.1f}"
-            f" {_ms(r['p50_ms'], 9)} {_ms(r['p95_ms'], 9)} {_ms(r['p99_ms'], 9)}"
-            f" {r['errors']:>5d} {r['timeouts']:>5d}"
-        )
-    for r in results["batch"]:
-        print(
-            f"{'serving':22s} {r['endpoint']:28s} {r['concurrency']:>3d} {r['images_per_second']:>9.1f}"
-            f" images/s (p50 {r['p50_ms']:.1f} ms)"
-        )
-    print("ready: " + ", ".join(f"{k} {v:.2f}s" for k, v in results["ready_seconds"].items()))
-    for key, t in results["targets"].items():
-        verdict = "MET" if t["met"] else "NOT MET"
-        print(f"target {key}: {t['target']} goal {t['goal']} measured {t['measured']} -> {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per measurement")
-    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each measurement")
-    parser.add_argument("--max-train-samples", type=int, default=6000)
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 s per row, 3 ready runs, small model"
+    )
+    parser.add_argument("--duration", type=float, help="seconds of load per row (default 8, --quick 2)")
+    parser.add_argument("--warmup", type=float, help="seconds of load before each row (default 1)")
+    parser.add_argument(
+        "--ready-runs", type=int, help="warm-cache start-ups to take the median of (5, --quick 3)"
+    )
+    parser.add_argument(
+        "--max-duration", type=float, help="longest rerun of a row with too few responses (30, --quick 6)"
+    )
+    parser.add_argument("--max-train-samples", type=int, help="training subset (default 6000, --quick 2000)")
+    parser.add_argument("--mlserver-parallel-workers", type=int, default=0, choices=(0, 1))
+    parser.add_argument("--grpc-aio", action="store_true", help="use bench.grpc_load even if ghz builds")
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, bodies)")
     args = parser.parse_args(argv)
+    quick = args.quick
+    args.duration = args.duration if args.duration is not None else (2.0 if quick else 8.0)
+    args.warmup = args.warmup if args.warmup is not None else 1.0
+    args.max_duration = args.max_duration or (6.0 if quick else 30.0)
+    args.ready_runs = args.ready_runs or (3 if quick else 5)
+    args.max_train_samples = args.max_train_samples or (2000 if quick else 6000)
+    if quick and args.output == RESULTS:
+        parser.error("--quick figures are a smoke test: pass --output (e.g. /tmp/serve-quick.json)")
+    # A plain SIGTERM would skip the `finally`s that stop the servers and MLflow.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
     results = run(args)
-    print_table(results)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    print("\n" + serve_summary.format_summary(results))
     write_results(args.output, results)
     return 0
 
