@@ -64,12 +64,15 @@ def peer_python(name: str) -> Path:
                 [str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements_file(name))],
             ):
                 completed = subprocess.run(
-                    command, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_TIMEOUT_SECONDS, check=False
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    timeout=INSTALL_TIMEOUT_SECONDS,
+                    check=False,
                 )
                 if completed.returncode != 0:
                     raise PeerInstallError(
-                        f"installing peer {name!r} failed at {' '.join(command)}: "
-                        f"{log.read_text()[-2000:]}"
+                        f"installing peer {name!r} failed at {' '.join(command)}: {log.read_text()[-2000:]}"
                     )
         (venv / ".ready").touch()
     return python
