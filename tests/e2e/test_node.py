@@ -27,6 +27,7 @@ import yaml
 from local_mode.processes import wait_until
 from testing.kubectl import kubectl
 from testing.node import NodeCluster
+from testing.peers import peer_python
 from testing.prometheus import Prometheus, scrape_job
 from testing.upstream import prometheus_operator_crds
 
@@ -313,6 +314,53 @@ def test_serving_pods_serve_the_pinned_champion(
         assert response.status_code == 200, response.text
         answers.add((response.headers["X-Model-Version"], response.json()["digit"]))
     assert {version for version, _ in answers} == {champion}
+
+
+# Triton's own gRPC client, unmodified, in its virtualenv (testing/peers.py): the chart's `grpc` port
+# must reach the pods' OIP service through the Service, as a mesh or an in-cluster client would use it.
+TRITON_GRPC_SCRIPT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as triton
+address, model, pixels = sys.argv[1], sys.argv[2], json.loads(sys.stdin.read())
+client = triton.InferenceServerClient(address)
+tensor = triton.InferInput("image", [1, 784], "UINT8")
+tensor.set_data_from_numpy(np.asarray(pixels, dtype=np.uint8).reshape(1, 784))
+result = client.infer(model, [tensor], outputs=[triton.InferRequestedOutput("predicted_digit")])
+print(json.dumps({
+    "ready": client.is_server_ready(),
+    "version": result.get_response().model_version,
+    "digit": int(result.as_numpy("predicted_digit")[0]),
+}))
+"""
+
+
+def test_serving_answers_tritons_grpc_client_through_the_service(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    champion = platform.champion_version()
+    platform.rollout_status(f"{RELEASE}-serving", timeout=300)
+    service = platform.get("service", f"{RELEASE}-serving")
+    grpc_port = next(port["port"] for port in service["spec"]["ports"] if port["name"] == "grpc")
+    rest = httpx.post(f"{platform.service_url('serving')}/predict", json=SAMPLE_DIGIT, timeout=10)
+    assert rest.status_code == 200, rest.text
+    completed = subprocess.run(
+        [
+            str(peer_python("tritonclient")),
+            "-c",
+            TRITON_GRPC_SCRIPT,
+            f"{service['spec']['clusterIP']}:{grpc_port}",
+            MODEL,
+        ],
+        input=json.dumps(SAMPLE_DIGIT["pixels"]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    answer = json.loads(completed.stdout)
+    assert answer == {"ready": True, "version": champion, "digit": rest.json()["digit"]}
 
 
 def test_prometheus_discovers_serving_pods_through_the_api(

@@ -12,8 +12,10 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+import yaml
 
 from serving.model_store import INT8_ARTIFACT_TAG, ONNX_FILENAME
+from testing.helm import Helm
 from testing.serving import ServedModel, ServingProcess
 from tests.serving.payloads import CHAMPION, Mnist
 from training_job.train import INT8_ARTIFACT_TAG as TRAINING_INT8_ARTIFACT_TAG
@@ -140,3 +142,20 @@ def test_int8_of_a_version_without_an_int8_model_is_a_permanent_error(
         assert not any((tmp_path / "cache").rglob(ONNX_FILENAME))
     finally:
         server.stop()
+
+
+def test_the_chart_passes_the_precision_and_refuses_an_unknown_one(helm: Helm) -> None:
+    def precision(*set_values: str) -> str | None:
+        rendered = helm.template(set_values=list(set_values)).stdout
+        (deployment,) = [
+            doc
+            for doc in yaml.safe_load_all(rendered)
+            if doc and doc["kind"] == "Deployment" and doc["metadata"]["name"].endswith("-serving")
+        ]
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        return next((item["value"] for item in env if item["name"] == "SERVING_MODEL_PRECISION"), None)
+
+    assert precision() == "float32"
+    assert precision("serving.modelPrecision=int8") == "int8"
+    refused = helm.template(set_values=["serving.modelPrecision=int4"], check=False)
+    assert refused.returncode != 0 and "modelPrecision" in refused.stderr
