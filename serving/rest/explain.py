@@ -22,14 +22,11 @@ from serving.model import Float32Array
 from serving.rest.http import (
     ERROR_RESPONSES,
     RawRoute,
-    is_json,
     json_body_spec,
     json_response,
-    media_type,
-    unsupported_media,
 )
-from serving.rest.predict import IMAGE_TYPES
-from serving.schemas import ExplainResponse, PredictRequest
+from serving.rest.predict import IMAGE_TYPES, single_image_decoder
+from serving.schemas import ExplainResponse
 
 ENDPOINT = "explain"
 
@@ -83,25 +80,8 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
 
     async def explain_route(request: Request) -> Response:
         body = await request.body()
-        media = media_type(request)
         ctx = context.current()
-        if is_json(media):
-
-            def decode() -> Batch:
-                parsed = PredictRequest.model_validate_json(body)
-                dataplane.require_model()
-                if parsed.pixels is not None:
-                    return codec.decode_pixels(parsed.pixels)
-                return codec.decode_instances([parsed], limits)
-
-        elif media in IMAGE_TYPES:
-
-            def decode() -> Batch:
-                dataplane.require_model()
-                return codec.decode_image(body, limits)
-
-        else:
-            raise unsupported_media(media, "application/json or an image type")
+        decode = single_image_decoder(request, body, dataplane, limits)
 
         def work() -> dict[str, Any]:
             return explain_one(dataplane, decode(), ENDPOINT, ctx.started)

@@ -6,6 +6,8 @@ in the OpenAPI document (see `serving.app.custom_openapi`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -27,37 +29,44 @@ from serving.schemas import BatchRequest, BatchResponse, PredictRequest, Predict
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
 
+def single_image_decoder(
+    request: Request, body: bytes, dataplane: DataPlane, limits: codec.Limits
+) -> Callable[[], Batch]:
+    """How a `/predict` body (JSON, or an image's raw bytes) becomes a one-image batch; `/predict`,
+    `/explain` and the page's WebSocket all take this body. Returned unrun, so the caller picks
+    the thread."""
+    media = media_type(request)
+    if is_json(media):
+
+        def decode_json() -> Batch:
+            with tracing.decode():
+                parsed = PredictRequest.model_validate_json(body)
+                # Not ready is reported before anything about the input: the client should retry.
+                dataplane.require_model()
+                if parsed.pixels is not None:
+                    return codec.decode_pixels(parsed.pixels)
+                return codec.decode_instances([parsed], limits)
+
+        return decode_json
+    if media in IMAGE_TYPES:
+
+        def decode_image() -> Batch:
+            dataplane.require_model()
+            with tracing.decode():
+                return codec.decode_image(body, limits)
+
+        return decode_image
+    raise unsupported_media(media, "application/json or an image type")
+
+
 def register(router: APIRouter, dataplane: DataPlane) -> None:
     limits = codec.Limits.from_settings(dataplane.settings)
     inline_max_bytes = dataplane.settings.inline_max_bytes
 
     async def predict(request: Request) -> Response:
         body = await request.body()
-        media = media_type(request)
         ctx = context.current()
-        if is_json(media):
-
-            def work() -> Batch:
-                with tracing.decode():
-                    parsed = PredictRequest.model_validate_json(body)
-                    # Not ready is reported before anything about the input: the client should retry.
-                    dataplane.require_model()
-                    if parsed.pixels is not None:
-                        batch = codec.decode_pixels(parsed.pixels)
-                    else:
-                        batch = codec.decode_instances([parsed], limits)
-                return batch
-
-        elif media in IMAGE_TYPES:
-
-            def work() -> Batch:
-                dataplane.require_model()
-                with tracing.decode():
-                    batch = codec.decode_image(body, limits)
-                return batch
-
-        else:
-            raise unsupported_media(media, "application/json or an image type")
+        work = single_image_decoder(request, body, dataplane, limits)
         # Decoding may take a worker thread; the model call joins the batcher on the event loop.
         result = await dataplane.infer_async(await run(body, inline_max_bytes, work), "predict", ctx.started)
         response = codec.encode_prediction(result, 0)

@@ -67,3 +67,17 @@ def served_version(serving_server: ServingProcess) -> str:
 def serving_mnist_test(mnist_path: Path) -> Mnist:
     with np.load(mnist_path) as data:
         return data["x_test"], data["y_test"]
+
+
+@pytest.fixture(scope="module")
+def client(serving_server: ServingProcess) -> Iterator[httpx.Client]:
+    """An HTTP client on the session's server, one per test module."""
+    with httpx.Client(base_url=serving_server.url, timeout=30) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def input_name(client: httpx.Client, served_model: ServedModel) -> str:
+    """The served model's input tensor name, as its OIP metadata gives it."""
+    name: str = client.get(f"/v2/models/{served_model.name}").json()["inputs"][0]["name"]
+    return name

@@ -25,18 +25,6 @@ DEFAULTS = Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="module")
-def client(serving_server: ServingProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=serving_server.url, timeout=30) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def input_name(client: httpx.Client, served_model: ServedModel) -> str:
-    name: str = client.get(f"/v2/models/{served_model.name}").json()["inputs"][0]["name"]
-    return name
-
-
-@pytest.fixture(scope="module")
 def confident(client: httpx.Client, serving_mnist_test: Mnist) -> list[int]:
     """Indices of test images the model gets right with a clear margin (the fixture model is trained
     for one short epoch; checks of the image pipeline should not hinge on its borderline cases)."""

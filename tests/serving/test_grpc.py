@@ -12,7 +12,6 @@ import shlex
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +137,6 @@ def run_peer(script: str, job: dict[str, Any]) -> Any:
 def target(serving_server: ServingProcess) -> str:
     assert serving_server.grpc_port, "the test server runs without gRPC"
     return f"127.0.0.1:{serving_server.grpc_port}"
-
-
-@pytest.fixture(scope="module")
-def client(serving_server: ServingProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=serving_server.url, timeout=30) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def input_name(client: httpx.Client, served_model: ServedModel) -> str:
-    name: str = client.get(f"/v2/models/{served_model.name}").json()["inputs"][0]["name"]
-    return name
 
 
 def rest_predictions(client: httpx.Client, images: np.ndarray[Any, Any]) -> list[dict[str, Any]]:

@@ -148,12 +148,6 @@ asyncio.run(main())
 
 
 @pytest.fixture(scope="module")
-def client(serving_server: ServingProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=serving_server.url, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def model_io(client: httpx.Client, served_model: ServedModel) -> tuple[str, str]:
     """(input name, probabilities output name) as the model's v2 metadata gives them."""
     metadata = client.get(f"/v2/models/{served_model.name}").json()
