@@ -34,6 +34,11 @@ GHZ_MODULE = "github.com/bojand/ghz/cmd/ghz"
 WRK_SCRIPT = r"""
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+-- "Name: value" lines from request_headers(): the OIP binary tensor rows need their own.
+for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
+  local name, value = line:match("^([^:]+):%s*(.*)$")
+  wrk.headers[name] = value
+end
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.body = f:read("*a")
 f:close()
@@ -148,6 +153,18 @@ def parse_ghz(report: str, concurrency: int) -> dict[str, Any]:
     return row
 
 
+def request_headers(body: Path) -> dict[str, str]:
+    """The headers a body is sent with: JSON, unless a `<body>.headers` file beside it says otherwise
+    (one "Name: value" per line)."""
+    headers = {"Content-Type": "application/json"}
+    sidecar = body.with_suffix(".headers")
+    if sidecar.is_file():
+        for line in sidecar.read_text().splitlines():
+            name, _, value = line.partition(":")
+            headers[name.strip()] = value.strip()
+    return headers
+
+
 def run_wrk(url: str, body: Path, concurrency: int, seconds: float, script: Path) -> dict[str, Any]:
     # wrk reads whole seconds only ("0.5s" is a usage error).
     command = [
@@ -156,7 +173,11 @@ def run_wrk(url: str, body: Path, concurrency: int, seconds: float, script: Path
     ]  # fmt: skip
     completed = subprocess.run(
         command,
-        env={**os.environ, "BENCH_BODY": str(body)},
+        env={
+            **os.environ,
+            "BENCH_BODY": str(body),
+            "BENCH_HEADERS": "\n".join(f"{name}: {value}" for name, value in request_headers(body).items()),
+        },
         capture_output=True,
         text=True,
         timeout=seconds + TIMEOUT_SECONDS + 30,

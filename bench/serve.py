@@ -108,7 +108,7 @@ class Load:
             httpx.post(
                 server.url + target,
                 content=body.read_bytes(),
-                headers={"Content-Type": "application/json"},
+                headers=loadgen.request_headers(body),
                 timeout=loadgen.TIMEOUT_SECONDS * 2,
             )
 
@@ -239,6 +239,25 @@ def bodies(workdir: Path, model_name: str, input_name: str) -> dict[str, Path]:
     for key, payload in payloads.items():
         paths[key] = workdir / f"{key}.json"
         paths[key].write_text(json.dumps(payload))
+    # The OIP binary tensor extension, as tritonclient sends by default: a JSON header, then the raw
+    # little-endian FP32 tensor; the response's probabilities come back as JSON.
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": input_name,
+                    "shape": [BATCH_SIZE, 28, 28, 1],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": images.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    paths["batch_v2_binary"] = workdir / "batch_v2_binary.bin"
+    paths["batch_v2_binary"].write_bytes(header + images.astype("<f4").tobytes())
+    paths["batch_v2_binary"].with_suffix(".headers").write_text(
+        f"Content-Type: application/octet-stream\nInference-Header-Content-Length: {len(header)}\n"
+    )
     request = grpc_request(model_name, input_name, flat)
     if request is not None:
         paths["grpc"] = workdir / "grpc.bin"
@@ -275,7 +294,7 @@ def probabilities_of(document: Any) -> list[float] | None:
 def probe(server: Server, path: str, body: Path) -> list[float] | None:
     """One request before the load: it must answer 200; returns the probabilities it answered."""
     response = httpx.post(
-        server.url + path, content=body.read_bytes(), headers={"Content-Type": "application/json"}, timeout=60
+        server.url + path, content=body.read_bytes(), headers=loadgen.request_headers(body), timeout=60
     )
     if response.status_code != 200:
         raise RuntimeError(f"{server.name} {path}: HTTP {response.status_code}: {response.text[:500]}")
@@ -415,6 +434,7 @@ def measure_all(state: Run, model: Model, keras_model_uri: str) -> None:
         for route, path, body in (
             ("/predict/batch", "/predict/batch", paths["batch_predict"]),
             ("/v2", model.infer_path, paths["batch_v2"]),
+            ("/v2 binary", model.infer_path, paths["batch_v2_binary"]),
         ):
             probe(server, path, body)
             for row in load.measure(server, route, path, body, (BATCH_CONCURRENCY,)):

@@ -156,7 +156,7 @@ def evaluate(
                     rows=[row],
                 )
             )
-    for route in ("/predict/batch", "/v2"):
+    for route in ("/predict/batch", "/v2", "/v2 binary"):
         row = next((r for r in batch if r["route"] == route and r["batch_size"] == BATCH_SIZE), None)
         out.append(
             target(
@@ -181,7 +181,7 @@ def evaluate(
 
 
 def _slug(route: str) -> str:
-    return route.strip("/").replace("/", "_").lower()
+    return route.strip("/").replace("/", "_").replace(" ", "_").lower()
 
 
 def agreement(answers: dict[str, list[float] | None]) -> dict[str, Any]:

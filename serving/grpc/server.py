@@ -26,7 +26,7 @@ import anyio
 import grpc
 
 from serving import __version__, codec, context
-from serving.dataplane import DataPlane
+from serving.dataplane import Batch, DataPlane
 from serving.errors import (
     INTERNAL_ERROR,
     InvalidInputError,
@@ -183,22 +183,24 @@ class InferenceServicer:
         dataplane.check_name(request.model_name, request.model_version or None)
         ctx = context.current()
 
-        def work() -> pb.ModelInferResponse:
+        def decode() -> Batch:
             model = dataplane.require_model()
-            batch = tensors.decode_input(request, model.input_name, self.limits)
-            result = dataplane.infer(batch, ENDPOINT, ctx.started)
-            response = pb.ModelInferResponse(
-                model_name=dataplane.name,
-                model_version=dataplane.version or "",
-                id=request.id or ctx.request_id,
-            )
-            tensors.encode_outputs(result, request, model.output_name, response)
-            return response
+            return tensors.decode_input(request, model.input_name, self.limits)
 
-        # As over HTTP: small requests inline (a thread hop costs more), big batches in a worker thread.
+        # As over HTTP: small requests decode inline (a thread hop costs more), big ones in a worker
+        # thread; the model call joins the batcher, so concurrent gRPC and REST calls share model runs.
         if request.ByteSize() <= self.inline_max_bytes:
-            return work()
-        return await anyio.to_thread.run_sync(work)
+            batch = decode()
+        else:
+            batch = await anyio.to_thread.run_sync(decode)
+        result = await dataplane.infer_async(batch, ENDPOINT, ctx.started)
+        response = pb.ModelInferResponse(
+            model_name=dataplane.name,
+            model_version=dataplane.version or "",
+            id=request.id or ctx.request_id,
+        )
+        tensors.encode_outputs(result, request, dataplane.require_model().output_name, response)
+        return response
 
 
 class HealthServicer:
