@@ -9,6 +9,7 @@ request bodies into batches and results into response bodies, the adapters trans
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -105,6 +106,11 @@ class DataPlane:
             (b"x-model-version", cached.info.version.encode("ascii")),
         ]
         metrics.set_model(self.name, cached.info.version, cached.info.alias, str(self.ref), self.load_seconds)
+        # Everything alive now (FastAPI, pydantic, mlflow, ONNX Runtime's bindings: ~1M objects) lives
+        # as long as the process. Frozen, the cyclic collector stops rescanning it: a full collection
+        # under load had measured 160 ms, every request in flight waiting on it (the p99 tail).
+        gc.collect()
+        gc.freeze()
         log.info(
             "model ready",
             extra={
