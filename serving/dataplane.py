@@ -181,11 +181,15 @@ class DataPlane:
     def infer(self, batch: Batch, endpoint: str, start: float) -> Inference:
         """Runs the model on a decoded batch now, in the calling thread, and records it under `endpoint`
         (the latency since `start`)."""
-        model = self.require_model()
-        with tracing.inference(len(batch.images)):
-            probs = model.predict(batch.images)
+        return self._finish(batch, self.run_model(batch.images), endpoint, start)
+
+    def run_model(self, images: Float32Array) -> Float32Array:
+        """Blocking: one traced, counted model call on `images`, outside the batcher; predictions are
+        recorded by the caller (`infer`, or `/explain`, whose occluded copies are not predictions)."""
+        with tracing.inference(len(images)):
+            probs = self.require_model().predict(images)
         metrics.observe_model_call(probs.shape[0])
-        return self._finish(batch, probs, endpoint, start)
+        return probs
 
     async def infer_async(self, batch: Batch, endpoint: str, start: float) -> Inference:
         """`infer` for callers on the event loop: through the batcher when batching is on, so concurrent

@@ -15,14 +15,10 @@ from serving import codec
 from serving.dataplane import Batch, Inference
 from serving.errors import InvalidInputError
 from serving.grpc import inference_pb2 as pb
-from serving.schemas import V2Tensor
 
-# The datatypes the codec accepts, with their wire form (raw contents are little-endian, row-major)
-# and the `InferTensorContents` field that carries them otherwise.
-_INPUT_DTYPES: dict[str, tuple[np.dtype[Any], str]] = {
-    "FP32": (np.dtype("<f4"), "fp32_contents"),
-    "UINT8": (np.dtype("u1"), "uint_contents"),
-}
+# The `InferTensorContents` field that carries each datatype the codec accepts as typed values (raw
+# bytes go to the codec as they are: it owns their dtypes and size checks).
+_INPUT_FIELDS: dict[str, str] = {"FP32": "fp32_contents", "UINT8": "uint_contents"}
 _OUTPUT_DTYPES: dict[str, tuple[np.dtype[Any], str]] = {
     "FP32": (np.dtype("<f4"), "fp32_contents"),
     "INT64": (np.dtype("<i8"), "int64_contents"),
@@ -33,13 +29,14 @@ def decode_input(request: pb.ModelInferRequest, input_name: str, limits: codec.L
     if len(request.inputs) != 1:
         raise InvalidInputError(f"{len(request.inputs)} input tensors; this model takes one, {input_name!r}")
     tensor = request.inputs[0]
-    data = _input_data(tensor, request.raw_input_contents)
-    # Already typed by protobuf: pydantic's validation of a JSON body has nothing left to check, the
-    # codec checks name, shape, batch size, datatype and values.
-    v2 = V2Tensor.model_construct(
-        name=tensor.name, shape=list(tensor.shape), datatype=tensor.datatype, data=data
+    return codec.decode_v2_tensor(
+        tensor.name,
+        tensor.datatype,
+        list(tensor.shape),
+        _input_data(tensor, request.raw_input_contents),
+        input_name=input_name,
+        limits=limits,
     )
-    return codec.decode_v2_input(v2, input_name, limits)
 
 
 def encode_outputs(
@@ -60,10 +57,12 @@ def encode_outputs(
 
 
 def _input_data(tensor: pb.ModelInferRequest.InferInputTensor, raw: Any) -> Any:
-    """The tensor's values as a flat array; empty for a datatype the codec refuses (it names it)."""
-    if tensor.datatype not in _INPUT_DTYPES:
+    """The tensor's values: the raw little-endian bytes as they came (the codec checks their size, as
+    for REST's binary extension), or the typed contents as a flat array; empty for a datatype the codec
+    refuses (it names it)."""
+    if tensor.datatype not in _INPUT_FIELDS:
         return np.empty(0, dtype=np.float32)
-    dtype, field = _INPUT_DTYPES[tensor.datatype]
+    field = _INPUT_FIELDS[tensor.datatype]
     # Values, not field presence: an empty `contents` message carries nothing that could conflict.
     populated = [descriptor.name for descriptor, _ in tensor.contents.ListFields()]
     if raw:
@@ -72,14 +71,11 @@ def _input_data(tensor: pb.ModelInferRequest.InferInputTensor, raw: Any) -> Any:
         if populated:
             raise InvalidInputError("the input has both contents and raw_input_contents; send one")
         data: bytes = raw[0]
-        if len(data) % dtype.itemsize:
-            raise InvalidInputError(
-                f"raw_input_contents has {len(data)} bytes, not a whole number of {tensor.datatype} values"
-            )
-        return np.frombuffer(data, dtype=dtype)
+        return data
     if populated and populated != [field]:
         raise InvalidInputError(
             f"{tensor.datatype} values go in contents.{field}, not {', '.join(populated)}"
         )
     # uint32 rather than uint8: values beyond 255 must reach the codec's range check, not wrap.
-    return np.asarray(getattr(tensor.contents, field), dtype=np.uint32 if field == "uint_contents" else dtype)
+    dtype = np.uint32 if field == "uint_contents" else np.float32
+    return np.asarray(getattr(tensor.contents, field), dtype=dtype)

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from serving import codec, context, explain, metrics, tracing
+from serving import codec, context, explain, metrics
 from serving.dataplane import Batch, DataPlane
 from serving.model import Float32Array
 from serving.rest.http import (
@@ -44,16 +44,8 @@ def _significant(values: Float32Array, digits: int = 3) -> npt.NDArray[np.float6
 def explain_one(dataplane: DataPlane, batch: Batch, endpoint: str, start: float) -> dict[str, Any]:
     """Blocking: the prediction and saliency of a one-image batch, recorded under `endpoint` like any
     prediction (the occluded copies are not predictions, so they are not counted)."""
-    model = dataplane.require_model()
     image = batch.images[0]
-
-    def predict(images: Float32Array) -> Float32Array:
-        with tracing.inference(len(images)):
-            probs = model.predict(images)
-        metrics.observe_model_call(len(images))
-        return probs
-
-    result = explain.explain(image, predict)
+    result = explain.explain(image, dataplane.run_model)
     confidence = result.probabilities[result.digit]
     metrics.observe_predictions(
         endpoint,
