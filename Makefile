@@ -26,7 +26,7 @@ K8S_NAMESPACE ?= mnist-mlops
 RELEASE ?= mnist-mlops
 PYTEST_ARGS ?=
 
-.PHONY: help venv system-deps demo test lint bench bench-train bench-workers bench-serve bench-operator k8s-tools clean
+.PHONY: help venv system-deps demo test lint bench bench-train bench-workers bench-serve bench-operator bench-drift k8s-tools clean
 .PHONY: kind-up images deploy port-forward undeploy cluster-up cluster-down prerequisites
 .PHONY: check audit chart-readme grpc-stubs
 
@@ -65,6 +65,10 @@ k8s-tools: ## Build (once, cached) kube-apiserver, kube-controller-manager, etcd
 demo: $(VENV)/.ready ## Run the whole pipeline locally: MLflow, the experiment, promotion, serving
 	$(PY) -m local_mode --state-dir $(STATE_DIR)
 
+.PHONY: demo-loop
+demo-loop: $(VENV)/.ready ## The closed loop once, small: drifted traffic and labels, the drift alert, retraining, the gate
+	$(PY) -m local_mode --loop --state-dir $(STATE_DIR)
+
 system-deps: ## Debian packages the tests drive (chromium, prometheus, wrk); installs only what is missing
 	bash scripts/install-system-deps.sh
 
@@ -96,7 +100,7 @@ lint: $(VENV)/.ready ## ruff and mypy
 # no training, no browser and no network (the audit's own logic included, its PyPI queries not).
 # scripts/ is type-checked on its own: with PYTHONPATH exported, mypy silences what only tests import.
 CHECK_TESTS := tests/contract/test_spec_and_policy.py tests/serving/test_preprocess.py tests/serving/test_explain.py \
-	tests/mnist_operator/test_units.py tests/training/test_data.py tests/images/test_audit.py \
+	tests/mnist_operator/test_units.py tests/mnist_operator/test_registry_units.py tests/mnist_operator/test_progressive_units.py tests/training/test_data.py tests/images/test_audit.py \
 	tests/chart/test_readme.py tests/serving/test_grpc.py::test_checked_in_stubs_match_the_protos tests/bench/test_serve_summary.py
 check: $(VENV)/.ready ## Fast inner loop, <2 min warm: ruff, format, mypy, unit tests needing no cluster/training/browser
 	$(VENV)/bin/ruff check .
@@ -116,7 +120,7 @@ grpc-stubs: $(VENV)/.ready ## Regenerate serving/grpc's Python modules (messages
 audit: $(VENV)/.ready $(CHECKOV_VENV)/.ready ## Known vulnerabilities in every requirements/*.txt set (strict; ignores: requirements/audit-ignore.conf)
 	CHECKOV="$(CHECKOV_VENV)/bin/checkov" $(PY) scripts/audit_requirements.py --strict
 
-bench: bench-train bench-serve bench-operator ## All benchmarks (tables on stdout, JSON in bench/results/)
+bench: bench-train bench-serve bench-operator bench-drift ## All benchmarks (tables on stdout, JSON in bench/results/)
 
 bench-train: $(VENV)/.ready ## Train every architecture on the full data set
 	$(PY) -m bench.train
@@ -130,6 +134,10 @@ bench-serve: $(VENV)/.ready system-deps ## Ours vs MLServer, KServe, `mlflow mod
 
 bench-operator: $(VENV)/.ready $(OPERATOR_VENV)/.ready ## Operator: apply → Job latency, 1,000 TrainingRuns in 10 namespaces, writes per run, RSS
 	MNIST_MLOPS_K8S_BIN="$$(bash scripts/build-k8s-tools.sh | tail -n 1)" $(PY) -m bench.operator --python $(OPERATOR_VENV)/bin/python
+
+# Trains (once, cached) the baseline CNN unless BENCH_ARGS names a model: `--model path.onnx`.
+bench-drift: $(VENV)/.ready ## Drift detection: false-alarm rate on undrifted MNIST windows, power on shifted ones
+	$(PY) -m bench.drift $(BENCH_ARGS)
 
 clean: ## Remove local state (MLflow data, caches in the checkout)
 	rm -rf $(STATE_DIR) .mypy_cache .ruff_cache .pytest_cache

@@ -9,7 +9,8 @@ with ONE worker, on loopback:
 - ours: `python -m serving` as deployed (validation, metrics, JSON access logs on): `/predict`,
   `/v2/models/{name}/infer` (Open Inference Protocol REST) and OIP gRPC when the service has it;
   images/s with 256 images per request through `/predict/batch` and OIP; seconds from spawn to
-  `/health/ready` with the artifact already in the cache (several runs, median).
+  `/health/ready` with the artifact already in the cache (several runs, median); `/predict` at c=16
+  with the prediction log off and on (every prediction written to SQLite), back to back.
 - MLServer 1.7 with its MLflow runtime on the same version's ONNX pyfunc (OIP REST and gRPC).
 - KServe 0.21's Python ModelServer with a minimal custom model running the same ONNX file
   (bench/kserve_model.py; OIP REST and gRPC).
@@ -458,6 +459,20 @@ def measure_all(state: Run, model: Model, keras_model_uri: str) -> None:
         state.serve(
             label, lambda: ours({"SERVING_BATCHING_ENABLED": str(flipped).lower()}, label), measure_batching
         )
+
+    # The prediction log's cost (within 10% of off): /predict at c=16 without the log and with every
+    # prediction written to a SQLite file, back to back so both rows see the same machine.
+    if "prediction_log_url" in Settings.model_fields:
+        log_db = workdir / "prediction-log.db"
+
+        def measure_log(server: Server) -> None:
+            state.rest(server, "/predict", "/predict", paths["predict"], (serve_summary.LOG_CONCURRENCY,))
+
+        for label, extra in (
+            (serve_summary.LOG_OFF, {}),
+            (serve_summary.LOG_ON, {"SERVING_PREDICTION_LOG_URL": f"sqlite:///{log_db}"}),
+        ):
+            state.serve(label, functools.partial(ours, extra, label), measure_log)
 
     def measure_oip_peer(server: Server) -> None:
         state.rest(server, "/v2", model.infer_path, paths["v2"], CONCURRENCY)

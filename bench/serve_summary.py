@@ -26,6 +26,12 @@ P99_C16_MS = 15.0
 P99_C64_MS = 60.0
 BATCH_IMAGES_PER_SECOND = 10_000.0
 READY_WARM_SECONDS = 1.5
+# The prediction log's cost: /predict at c=16 on a server writing every prediction to SQLite against
+# the same server without the log, measured back to back; on must stay within 10% of off.
+LOG_OFF = "ours (log off)"
+LOG_ON = "ours (log on, SQLite)"
+LOG_CONCURRENCY = 16
+LOG_MAX_OVERHEAD = 0.10
 
 
 def find(rows: Iterable[dict[str, Any]], server: str, route: str, concurrency: int) -> dict[str, Any] | None:
@@ -166,6 +172,21 @@ def evaluate(
                 higher_is_better=True,
                 measured=row["images_per_second"] if row else None,
                 rows=[row],
+            )
+        )
+    off = find(rows, LOG_OFF, "/predict", LOG_CONCURRENCY)
+    on = find(rows, LOG_ON, "/predict", LOG_CONCURRENCY)
+    for metric, label, higher in (("rps", "req/s", True), ("p50_ms", "p50", False), ("p99_ms", "p99", False)):
+        ratio = round(on[metric] / off[metric], 3) if on and off and off[metric] else None
+        out.append(
+            target(
+                f"prediction_log_{metric}_ratio_c{LOG_CONCURRENCY}",
+                f"/predict {label} at c={LOG_CONCURRENCY}, prediction log on (SQLite) / off: within "
+                f"{LOG_MAX_OVERHEAD:.0%}",
+                1 - LOG_MAX_OVERHEAD if higher else 1 + LOG_MAX_OVERHEAD,
+                higher_is_better=higher,
+                measured=ratio,
+                rows=[off, on],
             )
         )
     out.append(

@@ -46,7 +46,18 @@ def evaluate_and_promote(
     return outcome
 
 
-def _judge(client: MlflowClient, model: str, version: str, policy: PromotionPolicySpec) -> PromotionOutcome:
+def judge(client: MlflowClient, model: str, version: str, policy: PromotionPolicySpec) -> PromotionOutcome:
+    """The gate's decision without moving any alias: a canary or shadow rollout passes the offline gate
+    first and promotes (`contract.registry.promote`) only once its live analysis passed. `move` is None
+    unless the version is already the champion (a promotion that happened before a restart)."""
+    outcome = _judge(client, model, version, policy, move_alias=False)
+    client.set_model_version_tag(model, version, PROMOTION_REASON_TAG, outcome.reason)
+    return outcome
+
+
+def _judge(
+    client: MlflowClient, model: str, version: str, policy: PromotionPolicySpec, *, move_alias: bool = True
+) -> PromotionOutcome:
     candidate = version_metrics(client, model, version)
     tags = client.get_model_version(model, version).tags or {}
     champion = alias_version(client, model, CHAMPION_ALIAS)
@@ -61,7 +72,9 @@ def _judge(client: MlflowClient, model: str, version: str, policy: PromotionPoli
     decision = decide(candidate, champion_metrics, policy)
     if not decision.promote:
         return PromotionOutcome(False, decision.reason, champion, None)
-    return PromotionOutcome(True, decision.reason, champion, promote(client, model, version))
+    return PromotionOutcome(
+        True, decision.reason, champion, promote(client, model, version) if move_alias else None
+    )
 
 
 def apply_promotion(result: TrainingResult, spec: TrainingRunSpec, tracking_uri: str) -> TrainingResult:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contract.constants import TF_CONFIG_ENV, WORKER_HOSTS_ENV, WORKER_INDEX_ENV
+from contract.retraining import FEEDBACK_DB_URL_ENV
 from contract.spec import (
     DEFAULT_EXPERIMENT,
     DEFAULT_REGISTERED_MODEL,
@@ -47,6 +48,9 @@ class TrainOptions:
     trainingrun: TrainingRunRef = field(default_factory=TrainingRunRef)
     data_path: Path | None = None
     max_train_samples: int | None = None
+    # The prediction log whose labelled feedback is added to the training split (the Job's
+    # MNIST_FEEDBACK_DB_URL); None trains on MNIST alone.
+    feedback_db_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ def parse_train_command(argv: Sequence[str]) -> TrainCommand:
         data_path=data_path,
         result_file=namespace.result_file,
         max_train_samples=max_samples,
+        feedback_db_url=os.environ.get(FEEDBACK_DB_URL_ENV, "").strip() or None,
         promote=namespace.promote,
         tracking_uri=namespace.tracking_uri,
     )

@@ -15,7 +15,7 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from contract.spec import CHAMPION_ALIAS
@@ -58,7 +58,9 @@ def format_table(outcomes: Sequence[RunOutcome], champion_version: str | None) -
     return "\n".join(lines)
 
 
-def start_serving(mlflow: MlflowServer, model: str, state_dir: Path) -> tuple[ChildProcess, str]:
+def start_serving(
+    mlflow: MlflowServer, model: str, state_dir: Path, extra_env: Mapping[str, str] | None = None
+) -> tuple[ChildProcess, str]:
     port = _port(PREFERRED_SERVING_PORT)
     environment = {
         **os.environ,
@@ -68,6 +70,7 @@ def start_serving(mlflow: MlflowServer, model: str, state_dir: Path) -> tuple[Ch
         "SERVING_PORT": str(port),
         "SERVING_GRPC_PORT": str(_port(8081)),
         "SERVING_MODEL_CACHE_DIR": str(state_dir / "model-cache"),
+        **(extra_env or {}),
     }
     child = ChildProcess.spawn(
         "the prediction service",
@@ -107,7 +110,10 @@ def predict_one_test_image(url: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        epilog="--loop (make demo-loop): the closed loop once instead; python -m local_mode --loop --help",
+    )
     parser.add_argument("manifests", nargs="*", type=Path, default=[DEFAULT_MANIFESTS])
     parser.add_argument("--state-dir", type=Path, default=REPO_ROOT / ".state")
     parser.add_argument("--data", type=Path, help="MNIST .npz (default: the bundled copy)")

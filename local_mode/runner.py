@@ -7,6 +7,7 @@ the promotion path the operator takes once the Job has succeeded.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from contract.constants import TRAININGRUN_NAME_TAG, TRAININGRUN_SOURCE_TAG
 from contract.promotion import apply_promotion
 from contract.result import TrainingResult
+from contract.retraining import FEEDBACK_DB_URL_ENV
 from contract.spec import TrainingRunManifest, TrainingRunSpec, load_manifests
 from contract.train_command import TrainOptions
 
@@ -42,8 +44,14 @@ def run_manifests(
     data_path: Path | None = None,
     max_train_samples: int | None = None,
     epochs_override: int | None = None,
+    *,
+    feedback_db_url: str | None = None,
 ) -> list[RunOutcome]:
+    """`feedback_db_url` (default: $MNIST_FEEDBACK_DB_URL) is the prediction log whose labelled
+    feedback the manifests with includeFeedback add to their training split, as the operator's Job does."""
     from training_job.train import train
+
+    feedback_db_url = feedback_db_url or os.environ.get(FEEDBACK_DB_URL_ENV) or None
 
     outcomes: list[RunOutcome] = []
     for manifest in manifests:
@@ -61,6 +69,7 @@ def run_manifests(
             tags={TRAININGRUN_NAME_TAG: manifest.name, TRAININGRUN_SOURCE_TAG: "local-runner"},
             data_path=data_path,
             max_train_samples=max_train_samples,
+            feedback_db_url=feedback_db_url if spec.include_feedback else None,
         )
         result = apply_promotion(train(options, tracking_uri), spec, tracking_uri)
         outcomes.append(RunOutcome(manifest.name, spec, result))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive for real: headless Chromium and its
 # driver (web page test), Prometheus and promtool (rules, scrape test), wrk (load generator), and
-# the real node's parts: docker (image builds), containerd + runc (the kubelet's runtime), the CNI
+# Alertmanager (the drift alert's route into the operator), the real node's parts: docker (image builds), containerd + runc (the kubelet's runtime), the CNI
 # plugins, iptables and conntrack (kube-proxy), mmdebstrap (base images without a registry).
 # Idempotent and quick when everything is there; needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -20,6 +20,7 @@ declare -A wanted=(
   [conntrack]=/usr/sbin/conntrack
   [iproute2]=/usr/sbin/ip
   [mmdebstrap]=/usr/bin/mmdebstrap
+  [prometheus-alertmanager]=/usr/bin/prometheus-alertmanager
 )
 missing=()
 for package in "${!wanted[@]}"; do

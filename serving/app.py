@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -20,12 +20,12 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
-from serving import __version__, metrics, tracing
+from serving import __version__, metrics, routing, tracing
 from serving.dataplane import DataPlane
 from serving.errors import install_exception_handlers
 from serving.grpc.server import with_grpc
 from serving.middleware import ServingMiddleware
-from serving.rest import explain, predict, v2, ws
+from serving.rest import explain, feedback, predict, v2, ws
 from serving.schemas import (
     BatchRequest,
     HealthResponse,
@@ -33,9 +33,13 @@ from serving.schemas import (
     ModelStatus,
     PredictRequest,
     ReadyResponse,
+    TrafficStatus,
     V2InferenceRequest,
 )
 from serving.settings import Settings
+
+if TYPE_CHECKING:
+    from serving.prediction_log import PredictionLog
 
 log = logging.getLogger("serving.app")
 
@@ -48,10 +52,79 @@ PAGE_CSP = (
 _BODY_SCHEMAS = (PredictRequest, BatchRequest, V2InferenceRequest)
 
 
+def _prediction_log(settings: Settings, dataplane: DataPlane) -> PredictionLog | None:
+    """The prediction log's writer, listening to the data plane, when SERVING_PREDICTION_LOG_URL is set."""
+    if not settings.prediction_log_url:
+        return None
+    # Imported only when on: SQLAlchemy would otherwise add to every server's start-up.
+    from serving.prediction_log import PredictionLog
+
+    prediction_log = PredictionLog(
+        settings.prediction_log_url,
+        dataplane.name,
+        sample=settings.prediction_log_sample,
+        queue_size=settings.prediction_log_queue_size,
+        retention_days=settings.prediction_log_retention_days,
+        shutdown_seconds=settings.graceful_shutdown_seconds,
+        flush_seconds=settings.prediction_log_flush_seconds,
+    )
+    dataplane.add_prediction_listener(prediction_log.record)
+    return prediction_log
+
+
+def _health(dataplane: DataPlane, traffic: routing.TrafficController) -> Response:
+    cached = dataplane.cached
+    status = ModelStatus(
+        name=dataplane.name,
+        version=dataplane.version,
+        alias=dataplane.ref.alias,
+        uri=str(dataplane.ref),
+        precision=dataplane.store.precision,
+        state="ready" if dataplane.ready else "loading",
+        loaded_from_cache=cached.from_cache if cached else None,
+        load_seconds=round(dataplane.load_seconds, 3) if dataplane.load_seconds is not None else None,
+        last_error=dataplane.last_error,
+        tags=dict(cached.info.tags) if cached else {},
+    )
+    body = HealthResponse(
+        status="ok" if dataplane.ready else "loading",
+        model=status,
+        traffic=TrafficStatus.model_validate(traffic.status(), from_attributes=True),
+        uptime_seconds=round(dataplane.uptime, 3),
+        pid=os.getpid(),
+    )
+    return Response(
+        body.model_dump_json(), status_code=200 if dataplane.ready else 503, media_type="application/json"
+    )
+
+
+def _with_prediction_log(
+    lifespan: Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]],
+    prediction_log: PredictionLog | None,
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """`lifespan` with the prediction log's writer around it: started first, and flushed last, once
+    uvicorn has answered every request and gRPC has stopped (what is queued then is all there is)."""
+    if prediction_log is None:
+        return lifespan
+
+    @contextlib.asynccontextmanager
+    async def lifespan_with_log(app: FastAPI) -> AsyncIterator[None]:
+        prediction_log.start()
+        try:
+            async with lifespan(app):
+                yield
+        finally:
+            await prediction_log.stop()
+
+    return lifespan_with_log
+
+
 def create_app(settings: Settings | None = None, dataplane: DataPlane | None = None) -> FastAPI:
     settings = settings or Settings()
     dataplane = dataplane or DataPlane(settings)
     tracing.configure(settings.otlp_endpoint)
+    traffic = routing.TrafficController(dataplane)
+    prediction_log = _prediction_log(settings, dataplane)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -74,7 +147,10 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
             "`/predict` takes images or 28x28 arrays; `/v2` is the Open Inference Protocol."
         ),
         # gRPC in the same process and event loop: both protocols share the data plane and its metrics.
-        lifespan=with_grpc(lifespan, dataplane),
+        # Canary and shadow documents apply once the stable model is ready (serving/routing.py).
+        lifespan=_with_prediction_log(
+            with_grpc(routing.with_traffic(lifespan, traffic), dataplane), prediction_log
+        ),
         docs_url="/docs" if settings.docs_enabled else None,
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs_enabled else None,
@@ -87,29 +163,9 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
         "/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}}, tags=["health"]
     )
     async def health() -> Response:
-        """Model status, version and uptime (503 while the model is loading)."""
-        cached = dataplane.cached
-        status = ModelStatus(
-            name=dataplane.name,
-            version=dataplane.version,
-            alias=dataplane.ref.alias,
-            uri=str(dataplane.ref),
-            precision=dataplane.store.precision,
-            state="ready" if dataplane.ready else "loading",
-            loaded_from_cache=cached.from_cache if cached else None,
-            load_seconds=round(dataplane.load_seconds, 3) if dataplane.load_seconds is not None else None,
-            last_error=dataplane.last_error,
-            tags=dict(cached.info.tags) if cached else {},
-        )
-        body = HealthResponse(
-            status="ok" if dataplane.ready else "loading",
-            model=status,
-            uptime_seconds=round(dataplane.uptime, 3),
-            pid=os.getpid(),
-        )
-        return Response(
-            body.model_dump_json(), status_code=200 if dataplane.ready else 503, media_type="application/json"
-        )
+        """Model status, version and uptime (503 while the model is loading), and the canary or shadow
+        rollout this server applies (`traffic`)."""
+        return _health(dataplane, traffic)
 
     @app.get("/health/live", response_model=LiveResponse, tags=["health"])
     async def live() -> LiveResponse:
@@ -143,6 +199,7 @@ def create_app(settings: Settings | None = None, dataplane: DataPlane | None = N
     # another matching layer on every request.
     for adapter in (predict, v2, explain, ws):
         adapter.register(app.router, dataplane)
+    feedback.register(app.router, prediction_log, settings.prediction_log_sample)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

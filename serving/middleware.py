@@ -37,6 +37,7 @@ _DRAIN_SECONDS = 10.0
 _CLOSE = {"Connection": "close"}
 _MAX_CLIENTS = 10_000
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
+_MODEL_VERSION = b"x-model-version"
 
 
 def is_inference(method: str, path: str) -> bool:
@@ -44,6 +45,13 @@ def is_inference(method: str, path: str) -> bool:
         path in ("/predict", "/predict/batch", "/explain")
         or (path.startswith("/v2/models/") and path.endswith("/infer"))
     )
+
+
+def is_limited(method: str, path: str) -> bool:
+    """Requests under the per-client rate limit and the in-flight bound: inference, and POST /feedback
+    in the same bucket (a label costs a database write, and a client labelling in a loop is as much
+    load as one predicting in a loop)."""
+    return is_inference(method, path) or (method == "POST" and path == "/feedback")
 
 
 class RateLimiter:
@@ -79,19 +87,28 @@ class _Exchange:
     """Per-request state: the response status seen on the way out, and a `send` that stamps the
     request id, the model version and nosniff on every response."""
 
-    __slots__ = ("extra_headers", "send", "started", "status")
+    __slots__ = ("answered_by", "extra_headers", "send", "started", "status")
 
     def __init__(self, send: Send, request_id: str, model_headers: list[tuple[bytes, bytes]]) -> None:
         self.send = send
         self.status = 500
         self.started = False
+        self.answered_by: str | None = None
         self.extra_headers = [(b"x-request-id", request_id.encode("ascii")), _NOSNIFF, *model_headers]
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
             self.started = True
-            message = {**message, "headers": [*message.get("headers", ()), *self.extra_headers]}
+            headers = message.get("headers", ())
+            extra = self.extra_headers
+            for name, value in headers:
+                if name == _MODEL_VERSION:
+                    # A canary's candidate answered: its version, not the stable one, names this response.
+                    self.answered_by = value.decode("ascii")
+                    extra = [header for header in extra if header[0] != _MODEL_VERSION]
+                    break
+            message = {**message, "headers": [*headers, *extra]}
         await self.send(message)
 
     async def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
@@ -127,7 +144,7 @@ class ServingMiddleware:
         span = tracing.start_request(scope, request_id, self.dataplane.name)
         method: str = scope["method"]
         exchange = _Exchange(send, request_id, self.dataplane.response_headers)
-        inference = is_inference(method, scope["path"])
+        inference = is_limited(method, scope["path"])
         counted = False
         metrics.http_in_flight.inc()
         try:
@@ -156,7 +173,7 @@ class ServingMiddleware:
             metrics.http_in_flight.dec()
             self._record(scope, exchange.status, time.perf_counter() - start)
             if span is not None:
-                span.end(scope, exchange.status, self.dataplane.version)
+                span.end(scope, exchange.status, exchange.answered_by or self.dataplane.version)
             context.unbind(token)
 
     def _admit(self, scope: Scope) -> Rejection | None:

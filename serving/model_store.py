@@ -79,8 +79,17 @@ class CachedModel:
         return self.directory / ONNX_FILENAME
 
 
+@dataclass(frozen=True)
+class RegisteredModelInfo:
+    """A registered model's tags and aliases (the traffic document is one of its tags)."""
+
+    name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
 class RegistryClient:
-    """The three registry calls we need, over MLflow's REST API (same auth env vars as MLflow)."""
+    """The registry calls we need, over MLflow's REST API (same auth env vars as MLflow)."""
 
     def __init__(self, tracking_uri: str, timeout: float) -> None:
         self.base = tracking_uri.rstrip("/")
@@ -142,6 +151,13 @@ class RegistryClient:
             raise
         return _version_info(payload["model_version"], None)
 
+    def registered_model(self, name: str) -> RegisteredModelInfo:
+        payload = self._get("registered-models/get", {"name": name})
+        raw = payload["registered_model"]
+        tags = {str(t["key"]): str(t.get("value", "")) for t in raw.get("tags", [])}
+        aliases = {str(a["alias"]): str(a["version"]) for a in raw.get("aliases", [])}
+        return RegisteredModelInfo(name=str(raw["name"]), tags=tags, aliases=aliases)
+
     def download_uri(self, name: str, version: str) -> str:
         payload = self._get("model-versions/get-download-uri", {"name": name, "version": version})
         return str(payload["artifact_uri"])
@@ -189,6 +205,10 @@ class ModelStore:
                 retryable=False,
             )
         return RegistryClient(self.tracking_uri, self.timeout)
+
+    def registered_model(self, name: str) -> RegisteredModelInfo:
+        """Blocking: the registered model's tags and aliases, straight from the registry."""
+        return self._client().registered_model(name)
 
     def version_dir(self, name: str, version: str) -> Path:
         safe = urllib.parse.quote(name, safe="")
@@ -240,6 +260,8 @@ class ModelStore:
         return info, sha
 
     def _download(self, info: ModelVersionInfo, directory: Path) -> None:
+        # mlflow draws a tqdm progress bar on stderr whenever tqdm is installed: not a JSON log line.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             import mlflow.artifacts
         except ImportError as exc:  # pragma: no cover - the image always has mlflow-skinny

@@ -99,9 +99,30 @@ class ModelStatus(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict)
 
 
+class TrafficStatus(BaseModel):
+    """The registry's traffic document (canary or shadow rollout) as this server applies it."""
+
+    state: Literal["none", "loading", "applied", "failed"] = Field(
+        ...,
+        description=(
+            "none: every request on the stable version; loading: the candidate is being fetched (stable "
+            "answers meanwhile); applied: the document is in force; failed: the candidate could not be "
+            "loaded (retried) or the document is malformed (ignored): `error` says which."
+        ),
+    )
+    stable: str | None = Field(None, description="This server's own, pinned version.")
+    mode: Literal["canary", "shadow"] | None = None
+    candidate: str | None = None
+    weight: float | None = Field(None, description="Percent of requests the candidate answers (canary).")
+    rollout: str | None = Field(None, description="<namespace>/<trainingrun> of the rollout.")
+    step: int | None = None
+    error: str | None = None
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading"]
     model: ModelStatus
+    traffic: TrafficStatus
     uptime_seconds: float
     pid: int
 

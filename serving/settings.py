@@ -99,6 +99,21 @@ class Settings(BaseSettings):
         default=2.0, ge=0, le=1000, description="Longest a queued request waits for its batch to fill."
     )
 
+    # Progressive delivery (serving/routing.py): how often the registered model's traffic tag is read
+    # (0: never, every request on the pinned version), the header whose value keeps a client on one
+    # version during a canary, and how many shadow runs may be pending before copies are skipped.
+    traffic_poll_seconds: float = Field(
+        default=1.0, ge=0, le=3600, description="Seconds between reads of the traffic document; 0 disables."
+    )
+    routing_key_header: str = Field(
+        default="x-client-id",
+        min_length=1,
+        description="Header routing a client to the same version on every request of a canary.",
+    )
+    shadow_max_in_flight: int = Field(
+        default=64, ge=0, description="Pending shadow runs beyond which shadow copies are skipped."
+    )
+
     rate_limit_per_second: float = Field(
         default=0.0, ge=0.0, description="Per-client requests/s; 0 disables."
     )
@@ -132,7 +147,24 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("otlp_endpoint", mode="before")
+    # The prediction log (serving/prediction_log.py; the `prediction_log` package): a SQLAlchemy URL,
+    # sqlite:///path.db locally, postgresql+psycopg2://... in the cluster. Unset (or blank), the log and
+    # POST /feedback are off and SQLAlchemy is never imported.
+    prediction_log_url: str | None = None
+    prediction_log_sample: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of predictions logged (a batch as a whole)."
+    )
+    prediction_log_queue_size: int = Field(
+        default=10_000, ge=1, description="Records held in memory for the writer; beyond it they are dropped."
+    )
+    prediction_log_retention_days: float = Field(
+        default=30.0, ge=0.0, description="Rows older than this are purged hourly; 0 keeps them all."
+    )
+    prediction_log_flush_seconds: float = Field(
+        default=0.5, gt=0.0, le=60.0, description="How often queued records are written (also at 500)."
+    )
+
+    @field_validator("otlp_endpoint", "prediction_log_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -143,6 +175,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("routing_key_header", mode="before")
+    @classmethod
+    def _header_name(cls, value: object) -> object:
+        # HTTP/2, gRPC metadata and ASGI all carry header names lower-cased.
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -57,6 +57,18 @@ def kubectl(
     return completed
 
 
+def kubectl_watch(plane: ControlPlane, *args: str) -> subprocess.Popen[str]:
+    """A long-running kubectl (`get ... -w`) whose output the caller reads when it terminates it: what a
+    person watching the resource would have seen."""
+    return subprocess.Popen(
+        [str(plane.bin_dir / "kubectl"), *args],
+        env=plane.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def kubectl_ok(plane: ControlPlane, *args: str, **options: Any) -> str:
     """kubectl that must succeed; returns its stdout."""
     return kubectl(plane, *args, check=True, **options).stdout

@@ -7,6 +7,7 @@ the permissions of operator/rbac.yaml and nothing more.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -29,6 +30,7 @@ from testing.kubectl import kubectl, kubectl_ok, unique_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_PATH = REPO_ROOT / "charts" / "mnist-mlops" / "crds" / "trainingruns.mnist-mlops.io.yaml"
+RETRAINING_CRD_PATH = REPO_ROOT / "charts" / "mnist-mlops" / "crds" / "retrainingpolicies.mnist-mlops.io.yaml"
 RBAC_PATH = REPO_ROOT / "operator" / "rbac.yaml"
 SEED_MANIFESTS = sorted((REPO_ROOT / "manifests" / "trainingruns").glob("*.yaml"))
 
@@ -114,9 +116,16 @@ class OperatorAccount:
 
 
 def install_crd(plane: ControlPlane) -> None:
-    kubectl_ok(plane, "apply", "--server-side", "-f", str(CRD_PATH))
+    """The chart's CRDs: TrainingRun and RetrainingPolicy."""
+    for path in (CRD_PATH, RETRAINING_CRD_PATH):
+        kubectl_ok(plane, "apply", "--server-side", "-f", str(path))
     kubectl_ok(
-        plane, "wait", "--for=condition=Established", "--timeout=60s", "crd/trainingruns.mnist-mlops.io"
+        plane,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/trainingruns.mnist-mlops.io",
+        "crd/retrainingpolicies.mnist-mlops.io",
     )
 
 
@@ -133,20 +142,49 @@ def install_operator_account(plane: ControlPlane) -> OperatorAccount:
     return OperatorAccount(plane, plane.serviceaccount_kubeconfig(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT))
 
 
+def _fernet_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
 @dataclass
 class RestartableMlflow:
-    """A real MLflow server the tests may stop and start again on the same port and state."""
+    """A real MLflow server the tests may stop and start again on the same port and state.
+
+    It delivers registry webhooks to the operator on loopback: MLflow's defaults allow https only and
+    public addresses only; the key that encrypts stored webhook secrets is fixed, or a restarted
+    server could no longer read (and sign with) the secrets stored before; and the list of webhooks
+    per event is cached for 1s instead of 60s, so a webhook a test registers is used at once."""
 
     state_dir: Path
     port: int
     server: MlflowServer | None = None
+    webhook_key: str = field(default_factory=_fernet_key)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def webhook_env(self) -> dict[str, str]:
+        return {
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": self.webhook_key,
+            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        }
+
     def start(self) -> None:
-        self.server = start_mlflow_server(self.state_dir, port=self.port)
+        # start_mlflow_server passes this process's environment on to the server.
+        saved = {key: os.environ.get(key) for key in self.webhook_env}
+        os.environ.update(self.webhook_env)
+        try:
+            self.server = start_mlflow_server(self.state_dir, port=self.port)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def stop(self) -> None:
         if self.server is not None:
@@ -283,6 +321,9 @@ class OperatorFactory:
                 # Liveness after 60s without a reconcile (120 ticks of 0.5s): a loaded test machine
                 # must not fail the probe; the liveness test sets its own.
                 "MNIST_OPERATOR_LIVENESS_TICKS": "120",
+                # The fake kubelet's pods have no process behind them (podIP 127.0.0.1, which the API
+                # server's pod proxy refuses): the fast tier cannot ask them which version they serve.
+                "MNIST_OPERATOR_CONFIRM_FROM_PODS": "false",
             }
         )
         environment.update({f"MNIST_OPERATOR_{key.upper()}": value for key, value in settings.items()})

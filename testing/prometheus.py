@@ -98,23 +98,39 @@ class Prometheus:
     enough for static targets."""
 
     def __init__(
-        self, jobs: list[dict[str, Any]], directory: Path, binary: Path, scrape_interval: str = "2s"
+        self,
+        jobs: list[dict[str, Any]],
+        directory: Path,
+        binary: Path,
+        scrape_interval: str = "2s",
+        *,
+        rule_files: list[Path] | None = None,
+        alertmanagers: list[str] | None = None,
+        listen_host: str = "127.0.0.1",
     ) -> None:
+        """`rule_files`: alerting/recording rule files it evaluates (every scrape interval);
+        `alertmanagers`: host:port of Alertmanagers it sends firing alerts to."""
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing (scripts/build-k8s-tools.sh builds it)")
         directory.mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, Any] = {
             "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
             "scrape_configs": jobs,
         }
+        if rule_files:
+            config["rule_files"] = [str(path) for path in rule_files]
+        if alertmanagers:
+            config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": alertmanagers}]}]}
         self.config_path = directory / "prometheus.yml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        # `listen_host`: loopback, or the real node's bridge address when pods (the operator's canary
+        # analysis) must query it.
+        self.url = f"http://{listen_host}:{port}"
         self.child = ChildProcess.spawn(
             "prometheus",
             [str(binary), f"--config.file={self.config_path}", f"--storage.tsdb.path={directory / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+             f"--web.listen-address={listen_host}:{port}", "--storage.tsdb.retention.time=1h"],
             directory / "prometheus.log",
             die_with_parent=True,
         )  # fmt: skip
@@ -133,6 +149,13 @@ class Prometheus:
         result = body["data"]["result"]
         assert isinstance(result, list)
         return result
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts of its rules now, pending or firing (API /api/v1/alerts)."""
+        self.child.check_running("listing alerts")
+        alerts = httpx.get(f"{self.url}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+        assert isinstance(alerts, list)
+        return alerts
 
     def targets(self) -> list[dict[str, Any]]:
         active = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]

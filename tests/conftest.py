@@ -15,6 +15,7 @@ from local_mode.mlflow_server import MlflowServer, start_mlflow_server
 from testing.controlplane import ControlPlane
 from testing.helm import CI_DIR, SCENARIOS, Helm, Rendered, helm_binary, parse_documents, values_file
 from testing.operator_harness import install_crd
+from testing.postgres import PostgresServer
 from testing.training import REPO_ROOT, run_training
 
 MNIST_PATH = Path(os.environ.get("MNIST_NPZ", REPO_ROOT / "data" / "mnist.npz"))
@@ -86,3 +87,17 @@ def rendered(helm: Helm) -> dict[str, Rendered]:
         text = helm.template([values_file(scenario)]).stdout
         result[scenario] = Rendered(scenario, text, parse_documents(text))
     return result
+
+
+# --- PostgreSQL (the prediction log in the cluster; the drift, retraining and serving tests) ------------
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A real PostgreSQL 15 server (initdb'd throw-away cluster on a free loopback port); each test
+    makes its own database with `create_database`."""
+    server = PostgresServer.start(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -35,12 +35,39 @@ class Split:
 
 
 @dataclass(frozen=True)
+class Feedback:
+    """Labelled examples from the prediction log: uint8 (N, 28, 28) as MNIST stores them."""
+
+    images: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.int64]
+    source: str = "prediction-log"
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
 class Dataset:
     train: Split
     validation: Split
     test: Split
     digest: str
     source: str
+    # How many of `train`'s examples came from MNIST and how many from the prediction log's feedback,
+    # and a digest of exactly the training split's arrays: what this version learned from.
+    mnist_train: int = 0
+    feedback: int = 0
+    train_digest: str = ""
+    feedback_source: str = ""
+
+    def composition(self) -> dict[str, int]:
+        """mnist_train, feedback, and the training split's examples per label (label_0 … label_9)."""
+        counts = np.bincount(self.train.labels, minlength=NUM_CLASSES)
+        return {
+            "mnist_train": self.mnist_train,
+            "feedback": self.feedback,
+            **{f"label_{digit}": int(counts[digit]) for digit in range(NUM_CLASSES)},
+        }
 
 
 def default_data_path() -> Path | None:
@@ -115,12 +142,32 @@ def scale_images(images: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]:
     return scaled.reshape((-1, *IMAGE_SHAPE, 1))
 
 
+def check_feedback(feedback: Feedback) -> None:
+    if feedback.images.dtype != np.uint8:
+        raise DataError(f"feedback images are {feedback.images.dtype}; expected uint8 like MNIST")
+    if len(feedback) == 0:
+        return
+    _check_array("feedback images", feedback.images, images=True)
+    _check_array("feedback labels", feedback.labels, images=False)
+    if feedback.images.shape[0] != feedback.labels.shape[0]:
+        raise DataError("feedback images and labels have different lengths")
+    if feedback.labels.min() < 0 or feedback.labels.max() >= NUM_CLASSES:
+        raise DataError("feedback has labels outside 0-9")
+
+
 def load_dataset(
     path: Path | None = None,
     validation_split: float = 0.1,
     seed: int = 42,
     max_train_samples: int | None = None,
+    feedback: Feedback | None = None,
 ) -> Dataset:
+    """MNIST's splits, with `feedback` appended to the training split only.
+
+    The validation split is carved from MNIST's training set before the feedback is added, so
+    validation (and the test set, MNIST's own) measure every version on the same data whatever
+    feedback it learned from; `max_train_samples` caps the MNIST part only.
+    """
     if not 0.0 < validation_split < 0.5:
         raise DataError(f"validation_split must be in (0, 0.5), got {validation_split}")
     arrays, source = load_raw(path)
@@ -139,4 +186,23 @@ def load_dataset(
         return Split(scale_images(x_train[index]), y_train[index])
 
     test = Split(scale_images(arrays["x_test"]), arrays["y_test"].astype(np.int64))
-    return Dataset(split(train_index), split(validation_index), test, data_digest, source)
+    train = split(train_index)
+    mnist_train = len(train)
+    if feedback is not None and len(feedback):
+        check_feedback(feedback)
+        # The same scaling as MNIST's uint8 pixels: x / 255.
+        train = Split(
+            np.concatenate([train.images, scale_images(feedback.images)]),
+            np.concatenate([train.labels, feedback.labels.astype(np.int64)]),
+        )
+    return Dataset(
+        train,
+        split(validation_index),
+        test,
+        data_digest,
+        source,
+        mnist_train=mnist_train,
+        feedback=0 if feedback is None else len(feedback),
+        train_digest=digest({"x_train": train.images, "y_train": train.labels}),
+        feedback_source="" if feedback is None else feedback.source,
+    )

@@ -6,6 +6,7 @@ This is the code path of the Kubernetes Job and of the local runner alike.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tempfile
@@ -21,7 +22,7 @@ from contract.policy import INT8_ACCURACY_METRIC, QUANTIZATION_DELTA_METRIC
 from contract.result import TrainingResult
 from contract.spec import TrainingRunSpec
 from contract.train_command import TrainOptions
-from training_job.data import Dataset, Split, load_dataset
+from training_job.data import Dataset, Feedback, Split, load_dataset
 from training_job.distributed import CHIEF_INDEX, WorkerContext, per_worker_batch_size
 
 if TYPE_CHECKING:
@@ -35,6 +36,11 @@ KERAS_ARTIFACT_PATH = "keras-model"
 # version alone, and the version stays one: its float and int8 models are promoted together.
 INT8_ARTIFACT_PATH = "onnx-int8"
 INT8_ARTIFACT_TAG = "onnx_int8_artifact"
+# What a version learned from (run and version tags): the training split's digest (MNIST's part and the
+# prediction log's feedback together) and how many feedback examples it held.
+TRAIN_DIGEST_TAG = "train_digest"
+FEEDBACK_SAMPLES_TAG = "feedback_samples"
+DATASET_COMPOSITION_ARTIFACT = "dataset_composition.json"
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -201,6 +207,45 @@ def _log_evaluation(
     return per_class
 
 
+def _feedback(options: TrainOptions) -> Feedback | None:
+    """The prediction log's labelled examples when the run was given one (MNIST_FEEDBACK_DB_URL)."""
+    if not options.feedback_db_url:
+        return None
+    from training_job.feedback import load_feedback
+
+    return load_feedback(options.feedback_db_url)
+
+
+def _log_params_and_data(params: Mapping[str, Any], dataset: Dataset) -> None:
+    """The run's params and what this version learned from: the training split's composition and
+    digest as params and tags, a JSON artifact, and the three splits as MLflow dataset inputs (the
+    Inputs of the run page)."""
+    import mlflow
+    from mlflow.data.numpy_dataset import from_numpy
+
+    composition = dataset.composition()
+    mlflow.log_params(
+        {
+            **params,
+            "mnist_train_samples": dataset.mnist_train,
+            "feedback_samples": dataset.feedback,
+            "train_digest": dataset.train_digest,
+            "train_label_counts": json.dumps([composition[f"label_{digit}"] for digit in range(10)]),
+            **({"feedback_source": dataset.feedback_source} if dataset.feedback_source else {}),
+        }
+    )
+    mlflow.set_tags({TRAIN_DIGEST_TAG: dataset.train_digest, FEEDBACK_SAMPLES_TAG: str(dataset.feedback)})
+    mlflow.log_dict({**composition, "train_digest": dataset.train_digest}, DATASET_COMPOSITION_ARTIFACT)
+    train_name = "mnist-train+feedback" if dataset.feedback else "mnist-train"
+    for split, name, context in (
+        (dataset.train, train_name, "training"),
+        (dataset.validation, "mnist-validation", "validation"),
+        (dataset.test, "mnist-test", "test"),
+    ):
+        # No source: MLflow resolves a string source as a URI it can load from, which a database URL is not.
+        mlflow.log_input(from_numpy(split.images, targets=split.labels, name=name), context=context)
+
+
 def _model_summary(model: Any) -> str:
     buffer = io.StringIO()
     model.summary(print_fn=lambda line, **_: buffer.write(line + "\n"))
@@ -338,7 +383,7 @@ def train(
     per_worker_batch = per_worker_batch_size(hyper.batch_size, worker.workers)
     check_tracking_server(tracking_uri)
     dataset: Dataset = load_dataset(
-        options.data_path, hyper.validation_split, hyper.seed, options.max_train_samples
+        options.data_path, hyper.validation_split, hyper.seed, options.max_train_samples, _feedback(options)
     )
     strategy = _strategy(worker, hyper.batch_size, per_worker_batch)
 
@@ -349,8 +394,9 @@ def train(
     from training_job.export import check_against_keras, to_onnx
 
     log.info(
-        "data %s: train=%d validation=%d test=%d digest=%s",
-        dataset.source, len(dataset.train), len(dataset.validation), len(dataset.test), dataset.digest[:12],
+        "data %s: train=%d (mnist %d + feedback %d) validation=%d test=%d digest=%s train digest=%s",
+        dataset.source, len(dataset.train), dataset.mnist_train, dataset.feedback, len(dataset.validation),
+        len(dataset.test), dataset.digest[:12], dataset.train_digest[:12],
     )  # fmt: skip
     _seed_everything(hyper.seed)
 
@@ -366,7 +412,7 @@ def train(
         params = _run_params(spec, dataset, model.count_params())
         if worker.distributed:
             params |= {"workers": worker.workers, "per_worker_batch_size": per_worker_batch}
-        mlflow.log_params(params)
+        _log_params_and_data(params, dataset)
         mlflow.log_text(_model_summary(model), "model_summary.txt")
         epoch_logger = _epoch_logger(hyper.epochs)
         started = time.monotonic()
@@ -420,6 +466,8 @@ def train(
             "source_run_id": run.info.run_id,
             "keras_model_uri": keras_model_uri,
             "data_digest": dataset.digest,
+            TRAIN_DIGEST_TAG: dataset.train_digest,
+            FEEDBACK_SAMPLES_TAG: str(dataset.feedback),
             INT8_ARTIFACT_TAG: int8_model_uri,
             "int8_accuracy": f"{quantization.int8_accuracy:.6f}",
             QUANTIZATION_DELTA_METRIC: f"{quantization.accuracy_delta:.6f}",

@@ -59,7 +59,11 @@ async def run(config: OperatorConfig, failpoints: Failpoints) -> int:
         await api.close()  # type: ignore[no-untyped-call]
 
 
-ROUTINE_MESSAGES = ("Timer 'reconcile' succeeded", "Handler 'liveness' succeeded")
+ROUTINE_MESSAGES = (
+    "Timer 'reconcile' succeeded",
+    "Handler 'liveness' succeeded",
+    "Timer 'retraining' succeeded",
+)
 
 
 def _quiet_routine(record: logging.LogRecord) -> bool:

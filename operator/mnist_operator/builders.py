@@ -16,6 +16,7 @@ from contract.constants import (
     WORKER_PORT,
     WORKER_PORT_NAME,
 )
+from contract.retraining import FEEDBACK_DB_URL_ENV
 from contract.spec import (
     API_GROUP,
     API_VERSION,
@@ -143,6 +144,20 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
+def feedback_env(spec: TrainingRunSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    """MNIST_FEEDBACK_DB_URL for a run that trains on the prediction log's labelled feedback: from the
+    configured Secret (a URL with a password belongs in one), else the operator's own prediction log
+    URL; nothing when the run does not ask for feedback or no prediction log is configured."""
+    if not spec.include_feedback:
+        return []
+    if config.feedback_db_secret:
+        reference = {"name": config.feedback_db_secret, "key": config.feedback_db_secret_key}
+        return [{"name": FEEDBACK_DB_URL_ENV, "valueFrom": {"secretKeyRef": reference}}]
+    if config.prediction_log_url:
+        return [{"name": FEEDBACK_DB_URL_ENV, "value": config.prediction_log_url}]
+    return []
+
+
 def build_job_spec(
     *,
     name: str,
@@ -182,6 +197,7 @@ def build_job_spec(
                 ("MLFLOW_TRACKING_PASSWORD", config.mlflow_auth_password_key),
             )
         ]
+    env += feedback_env(spec, config)
     resources = resource_requirements(spec.resources, config.default_cpu, config.default_memory)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",

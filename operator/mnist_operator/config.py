@@ -93,6 +93,25 @@ class OperatorConfig(BaseSettings):
     mlflow_timeout_seconds: Annotated[int, Ge(1)] = 10
     mlflow_backoff_seconds: Annotated[float, Ge(0.1)] = 5.0
     mlflow_max_backoff_seconds: Annotated[float, Ge(0.1)] = 60.0
+    # Progressive delivery (mnist_operator/progressive.py): the strategy of a TrainingRun without
+    # spec.rollout.strategy, and the Prometheus whose live serving metrics gate canary and shadow steps.
+    default_rollout_strategy: Literal["direct", "canary", "shadow"] = "direct"
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    prometheus_timeout_seconds: Annotated[float, Ge(0.5)] = 10.0
+    # Serving follows the registry (mnist_operator/registry_sync.py): every serving Deployment is pinned
+    # to the version its followed alias names, checked this often (0: only when MLflow's webhook says
+    # an alias moved); and the served version is confirmed from each pod's /health (through the API
+    # server's pod proxy) before it is recorded.
+    registry_sync_seconds: Annotated[float, Ge(0)] = 10.0
+    confirm_from_pods: bool = True
+    # MLflow registry webhooks (mnist_operator/webhooks.py): the HMAC secret MLflow signs deliveries
+    # with (unset: POST /webhooks/mlflow answers 503), and how far a delivery's timestamp may be from now.
+    mlflow_webhook_secret: str | None = Field(default=None, repr=False)
+    # The operator's own POST /webhooks/mlflow URL as MLflow reaches it: set (with the secret), the
+    # leader creates or updates its webhook in MLflow at start-up (mnist_operator/webhooks.py).
+    mlflow_webhook_url: str | None = None
+    mlflow_webhook_name: str = "mnist-operator"
+    mlflow_webhook_tolerance_seconds: Annotated[float, Ge(1)] = 300.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["plain", "json"] = "plain"
     # Tracing of promotions (mnist_operator/tracing.py): OTLP/gRPC export there; unset, tracing is off.
@@ -105,6 +124,16 @@ class OperatorConfig(BaseSettings):
             "OTEL_EXPORTER_OTLP_ENDPOINT",
         ),
     )
+
+    # RetrainingPolicies (mnist_operator/retraining.py): how often each policy's triggers are checked;
+    # the prediction log whose labelled feedback the feedback trigger counts and training adds (also
+    # the Jobs' MNIST_FEEDBACK_DB_URL unless a Secret holds it); the bearer token Alertmanager's webhook
+    # must present (unset: the webhook answers 503).
+    retraining_interval_seconds: Annotated[float, Ge(0.1)] = 10.0
+    prediction_log_url: str | None = None
+    feedback_db_secret: str | None = None
+    feedback_db_secret_key: str = "url"  # noqa: S105 (the Secret key's name, not a secret)
+    alertmanager_token: str | None = Field(default=None, repr=False)
 
     @property
     def clusterwide(self) -> bool:
@@ -156,7 +185,9 @@ class OperatorConfig(BaseSettings):
 
     # ------------------------------------------------------------------ parsing of the raw strings
 
-    @field_validator("training_image_pull_policy", "log_level", "log_format", mode="before")
+    @field_validator(
+        "training_image_pull_policy", "log_level", "log_format", "default_rollout_strategy", mode="before"
+    )
     @classmethod
     def _choice(cls, value: object, info: ValidationInfo) -> object:
         if not isinstance(value, str) or info.field_name is None:
@@ -177,6 +208,9 @@ class OperatorConfig(BaseSettings):
         "mlflow_timeout_seconds",
         "mlflow_backoff_seconds",
         "mlflow_max_backoff_seconds",
+        "retraining_interval_seconds",
+        "registry_sync_seconds",
+        "mlflow_webhook_tolerance_seconds",
         mode="before",
     )
     @classmethod
@@ -192,7 +226,7 @@ class OperatorConfig(BaseSettings):
             raise ValueError(_bounds_text(*bounds))
         return int(number) if cls.model_fields[info.field_name].annotation is int else number
 
-    @field_validator("leader_election", mode="before")
+    @field_validator("leader_election", "confirm_from_pods", mode="before")
     @classmethod
     def _flag(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -202,6 +236,13 @@ class OperatorConfig(BaseSettings):
         if value.lower() in FALSE_WORDS:
             return False
         raise ValueError("is not a boolean (true/false)")
+
+    @field_validator("mlflow_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("is not an http(s) URL")
+        return value
 
     @field_validator("namespaces", mode="before")
     @classmethod

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ class HealthServer:
     ) -> None:
         self.host, self.port, self.heartbeat, self.describe = host, port, heartbeat, describe
         self._runner: web.AppRunner | None = None
+        self._routes: list[tuple[str, str, Handler]] = []
+
+    def add_route(self, method: str, path: str, handler: Handler) -> None:
+        """Another endpoint on the same port (the webhooks); aiohttp freezes the router at start."""
+        if self._runner is not None:
+            raise RuntimeError(f"cannot add {method} {path}: the server has already started")
+        self._routes.append((method, path, handler))
 
     async def _health(self, _request: web.Request) -> web.Response:
         verdict = self.heartbeat.verdict()
@@ -106,6 +115,8 @@ class HealthServer:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._health)
+        for method, path, handler in self._routes:
+            app.router.add_route(method, path, handler)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()

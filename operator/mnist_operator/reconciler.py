@@ -18,15 +18,16 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import kopf
 from kubernetes.aio.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from contract.promotion import PromotionOutcome
 from contract.registry import AliasMove
-from contract.spec import CHAMPION_ALIAS, TrainingRunSpec
-from mnist_operator import tracing, tracking
+from contract.spec import CHAMPION_ALIAS, RolloutStrategy, TrainingRunSpec
+from mnist_operator import progressive, registry_sync, tracing, tracking
 from mnist_operator.builders import (
     build_job_spec,
     build_rollout_patch,
@@ -50,12 +51,15 @@ from mnist_operator.kube import ConflictError
 from mnist_operator.rollouts import RolloutState, rollout_state, traceparent_of, with_traceparent
 from mnist_operator.runtime import Runtime
 from mnist_operator.status import (
+    Change,
     Condition,
+    Event,
     Phase,
     Progress,
     RolloutEntry,
     RolloutRecord,
     StatusUpdate,
+    TrafficStatus,
     parse_timestamp,
     progress_status,
     timestamp,
@@ -70,23 +74,6 @@ JobStatuses = Mapping[tuple[str, str], Iterable[Mapping[str, Any]]]
 MAX_STEPS_PER_TICK = 3
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-class Change(NamedTuple):
-    """One condition as a transition sets it."""
-
-    type: Condition
-    status: bool
-    reason: str
-    message: str
-
-
-class Event(NamedTuple):
-    """The Kubernetes event a transition posts on the TrainingRun."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
 
 
 def transition(
@@ -246,6 +233,8 @@ async def reconcile(
                 await run.observe_training()
             elif phase == Phase.EVALUATING:
                 await run.evaluate()
+            elif phase in progressive.PROGRESSIVE_PHASES:
+                await progressive.Progressive(run).tick()
             elif phase == Phase.ROLLING_OUT:
                 await run.roll_out()
             if update.status.phase == phase:
@@ -436,19 +425,52 @@ class Run:
             await self._evaluate(trace)
 
     async def _evaluate(self, trace: tracing.Trace) -> None:
+        strategy = progressive.strategy_of(self.spec, self.rt.config)
         async with self.rt.model_lock(self.model):
-            outcome = await self.mlflow(
-                tracking.evaluate_and_promote, self.model, self.version, self.spec.promotion
-            )
+            if strategy is not RolloutStrategy.DIRECT:
+                # Canary and shadow: the gate is judged without moving the alias, which moves only once
+                # the live analysis passed (mnist_operator/progressive.py).
+                outcome = await self.mlflow(progressive.judge, self.model, self.version, self.spec.promotion)
+                if (
+                    outcome.promoted
+                    and outcome.move is None
+                    and outcome.champion_version
+                    and not outcome.resumed
+                ):
+                    self._record_judgement(outcome, trace)
+                    await progressive.Progressive(self).start(
+                        strategy, outcome.champion_version, outcome.reason
+                    )
+                    return
+                if outcome.promoted and outcome.move is None and not outcome.resumed:
+                    # No champion yet: nothing to compare live traffic with, so the version is promoted
+                    # directly.
+                    strategy = RolloutStrategy.DIRECT
+                    outcome = await self.mlflow(
+                        tracking.evaluate_and_promote, self.model, self.version, self.spec.promotion
+                    )
+            else:
+                outcome = await self.mlflow(
+                    tracking.evaluate_and_promote, self.model, self.version, self.spec.promotion
+                )
             if outcome.move is not None:
                 self.rt.failpoints.crash_after("after-alias-move", self.subject.logger)
+        self.update.status.traffic = TrafficStatus(strategy=strategy.value)
+        self._record_judgement(outcome, trace)
+        self._after_judgement(outcome, trace)
+
+    def _record_judgement(self, outcome: PromotionOutcome, trace: tracing.Trace) -> None:
         status = self.update.status
-        status.promoted, status.promotion_reason = outcome.promoted, outcome.reason
+        status.promotion_reason = outcome.reason
         if outcome.champion_version is not None:
             status.champion_version = outcome.champion_version
         trace.set({"mnist.promoted": outcome.promoted, "mnist.promotion.reason": outcome.reason})
         if trace.traceparent is not None:
             status.traceparent, status.trace_id = trace.traceparent, tracing.trace_id(trace.traceparent)
+
+    def _after_judgement(self, outcome: PromotionOutcome, trace: tracing.Trace) -> None:
+        status = self.update.status
+        status.promoted = outcome.promoted
         if not outcome.promoted:
             self.transition(
                 Phase.REJECTED,
@@ -492,6 +514,7 @@ class Run:
                     f"version {self.version} was promoted, but the champion is now "
                     f"{champion or 'unset'}; serving is left to that promotion"
                 )
+                await self.release_traffic()
                 self.transition(
                     Phase.PROMOTED, message, Change(Condition.ROLLED_OUT, False, "Superseded", message)
                 )
@@ -500,6 +523,7 @@ class Run:
             deployments = await self.rt.kube.list_deployments(self.namespace, selector)
             if not deployments:
                 message = f"version {self.version} is the champion; no serving Deployment matches {selector}"
+                await self.release_traffic()
                 self.transition(
                     Phase.PROMOTED,
                     message,
@@ -542,8 +566,18 @@ class Run:
         await self.rt.kube.patch_deployment(self.namespace, entry.name, patch)
         return entry
 
+    async def release_traffic(self) -> None:
+        """Removes this run's traffic tag once serving no longer needs it (a canary or shadow kept the
+        candidate at 100% through the Deployments' rollout, so no user flipped back to stable). The
+        caller holds the model lock."""
+        traffic = self.update.status.traffic
+        if traffic is None or traffic.strategy == RolloutStrategy.DIRECT.value:
+            return
+        await self.mlflow(progressive.clear_traffic, self.model, self.subject.key)
+
     async def watch_rollout(self, rollout: RolloutRecord) -> None:
         states: list[RolloutState] = []
+        rolled: list[dict[str, Any]] = []
         for entry in rollout.deployments:
             deployment = await self.rt.kube.read_deployment(self.namespace, entry.name)
             if deployment is None:
@@ -552,15 +586,31 @@ class Run:
                 states.append(RolloutState(True, False, f"{entry.name}: since rolled to another version"))
             else:
                 states.append(rollout_state(deployment))
+                rolled.append(deployment)
         failed = [state for state in states if state.failed]
         done = all(state.done for state in states)
+        unconfirmed = ""
+        if done and self.rt.config.confirm_from_pods:
+            # Available replicas say the pods started, not what they serve: their own /health does.
+            unconfirmed = await self.unconfirmed(rolled)
+            done = not unconfirmed
         if not done and not failed and self.update.now < parse_timestamp(rollout.deadline):
+            if unconfirmed:
+                self.update.phase(
+                    Phase.ROLLING_OUT,
+                    f"rolled out to version {self.version}; waiting for its pods to confirm it: "
+                    + unconfirmed,
+                )
             return
         # One span for the whole wait, backdated to the patch: what the ticks in between watched.
         with self.trace_step("trainingrun.rollout.wait", start=parse_timestamp(rollout.started_at)) as trace:
             trace.set({"mnist.rollout.deployments": ", ".join(entry.name for entry in rollout.deployments)})
             if done:
                 message = "; ".join(state.message for state in states)
+                if self.rt.config.confirm_from_pods and rolled:
+                    message += f"; every ready pod reports version {self.version} on /health"
+                async with self.rt.model_lock(self.model):
+                    await self.release_traffic()
                 self.transition(
                     Phase.PROMOTED,
                     f"version {self.version} is serving: {message}",
@@ -568,12 +618,35 @@ class Run:
                     event=Event("Normal", "RolledOut", trace.message(message)),
                 )
                 return
-            pending = "; ".join(state.message for state in states if not state.done)
-            reason = "ProgressDeadlineExceeded" if failed else "RolloutTimeout"
+            pending = "; ".join(state.message for state in states if not state.done) or unconfirmed
+            reason = (
+                "ProgressDeadlineExceeded"
+                if failed
+                else "VersionUnconfirmed"
+                if unconfirmed
+                else "RolloutTimeout"
+            )
             trace.fail(reason)
             await self.roll_back(
                 rollout, reason, f"serving did not become available by {rollout.deadline}: {pending}", trace
             )
+
+    async def unconfirmed(self, deployments: Iterable[Mapping[str, Any]]) -> str:
+        """What keeps the rolled Deployments' pods from confirming the version ("" once every ready pod
+        of each reports it on /health, through the API server's pod proxy as the registry sync asks)."""
+        waiting = []
+        for deployment in deployments:
+            if int(deployment.get("spec", {}).get("replicas", 1) or 0) == 0:
+                continue
+            reports = await registry_sync.ask_deployment(self.rt.kube, deployment)
+            verdict = registry_sync.judge(self.version, reports)
+            if not verdict.confirmed:
+                confirmed = sum(report.error is None and report.version == self.version for report in reports)
+                waiting.append(
+                    f"{_name_of(deployment)}: {confirmed} of {len(reports)} ready pod(s) confirmed version "
+                    f"{self.version} ({verdict.message})"
+                )
+        return "; ".join(waiting)
 
     async def roll_back(self, rollout: RolloutRecord, reason: str, why: str, trace: tracing.Trace) -> None:
         replaced = self.update.status.previous_champion_version
@@ -599,6 +672,7 @@ class Run:
                     # revision's ReplicaSet, as `kubectl rollout undo` would.
                     patch = with_traceparent(patch, entry.previous_traceparent)
                 await self.rt.kube.patch_deployment(self.namespace, entry.name, patch)
+            await self.release_traffic()
         if not restored:
             alias = "the champion alias had already moved on and was left alone"
         elif replaced:

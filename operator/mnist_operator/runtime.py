@@ -29,6 +29,9 @@ class Runtime:
     failpoints: Failpoints = NO_FAILPOINTS
     model_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     progress_read_at: dict[str, float] = field(default_factory=dict)
+    # The uids of the TrainingRuns whose deletion handler released their traffic tag: a
+    # reconcile tick still under way must not write it back (mnist_operator/progressive.py).
+    deleted_runs: set[str] = field(default_factory=set)
 
     def model_lock(self, model: str) -> asyncio.Lock:
         """Promotions and rollouts of one registered model happen one at a time, so two runs that

@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -26,16 +26,25 @@ class Phase(StrEnum):
     QUEUED = "Queued"
     TRAINING = "Training"
     EVALUATING = "Evaluating"
+    # Progressive delivery (spec.rollout, mnist_operator/progressive.py): the candidate answers a share
+    # of live traffic (Canary) or a copy of it (Shadowing) while it is analysed against stable.
+    CANARY = "Canary"
+    SHADOWING = "Shadowing"
     ROLLING_OUT = "RollingOut"
     PROMOTED = "Promoted"
     REJECTED = "Rejected"
     ROLLED_BACK = "RolledBack"
     FAILED = "Failed"
+    # A canary or shadow analysis failed (or was aborted by hand): all traffic back on stable, the
+    # alias never moved.
+    ABORTED = "Aborted"
 
 
 # The phases the reconcile timer drives; the others are final (or not started by the timer).
-ACTIVE_PHASES = frozenset({Phase.QUEUED, Phase.TRAINING, Phase.EVALUATING, Phase.ROLLING_OUT})
-FINAL_PHASES = frozenset({Phase.PROMOTED, Phase.REJECTED, Phase.ROLLED_BACK, Phase.FAILED})
+ACTIVE_PHASES = frozenset(
+    {Phase.QUEUED, Phase.TRAINING, Phase.EVALUATING, Phase.CANARY, Phase.SHADOWING, Phase.ROLLING_OUT}
+)
+FINAL_PHASES = frozenset({Phase.PROMOTED, Phase.REJECTED, Phase.ROLLED_BACK, Phase.FAILED, Phase.ABORTED})
 
 
 class Condition(StrEnum):
@@ -48,6 +57,25 @@ class Condition(StrEnum):
     PROMOTED = "Promoted"
     ROLLED_OUT = "RolledOut"
     ROLLED_BACK = "RolledBack"
+    # The live analysis of a canary or shadow rollout: True once it passed, False with the failing checks.
+    ANALYSIS = "Analysis"
+
+
+class Change(NamedTuple):
+    """One condition as a transition (reconciler.transition) sets it."""
+
+    type: Condition
+    status: bool
+    reason: str
+    message: str
+
+
+class Event(NamedTuple):
+    """The Kubernetes event a transition posts on the TrainingRun."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
 
 
 def now_utc() -> datetime.datetime:
@@ -105,6 +133,56 @@ class RolloutRecord(_Wire):
     deployments: list[RolloutEntry] = []
 
 
+class CheckResult(_Wire):
+    """One check of an analysis: the measured value against its threshold."""
+
+    name: str
+    # None when there was nothing to measure (e.g. no latency samples).
+    value: float | None = None
+    threshold: float
+    passed: bool
+
+
+class AnalysisRecord(_Wire):
+    step: int
+    weight: float
+    passed: bool
+    at: str | None = None
+    # Seconds of the window the checks were computed over.
+    window_seconds: int | None = None
+    checks: list[CheckResult] = []
+
+
+class OverrideRecord(_Wire):
+    """A manual override (annotation mnist-mlops.io/rollout-action) the operator applied."""
+
+    action: str
+    at: str
+
+
+class TrafficStatus(_Wire):
+    """Where a progressive rollout is. Every decision is derived from this, the registry and Prometheus,
+    so a restarted operator resumes the step where it was."""
+
+    strategy: str
+    stable: str | None = None
+    candidate: str | None = None
+    # The current step (0-based); len(steps) once promoted (the candidate at 100%).
+    step: int | None = None
+    weight: float | None = None
+    # When this step's weight was written to the registry, and when every serving pod showed it applied.
+    step_started_at: str | None = None
+    applied_at: str | None = None
+    paused: bool | None = None
+    paused_at: str | None = None
+    # Seconds this step was paused before `paused_at`; the hold counts only unpaused time.
+    paused_seconds: float | None = None
+    # A short line for `kubectl get tr` (the Analysis column).
+    last_analysis: str | None = None
+    analyses: list[AnalysisRecord] = []
+    overrides: list[OverrideRecord] = []
+
+
 class TrainingRunStatus(_Wire):
     phase: Phase | None = None
     message: str | None = None
@@ -121,6 +199,7 @@ class TrainingRunStatus(_Wire):
     champion_version: str | None = None
     previous_champion_version: str | None = None
     rollout: RolloutRecord | None = None
+    traffic: TrafficStatus | None = None
     # The promotion's trace (mnist_operator/tracing.py); unset while tracing is off.
     trace_id: str | None = None
     traceparent: str | None = None
@@ -181,6 +260,8 @@ class StatusUpdate:
     generation: int
     now: datetime.datetime = field(default_factory=now_utc)
     status: TrainingRunStatus = field(init=False)
+    # Annotations of the TrainingRun to remove with this patch (a manual override, once applied).
+    removed_annotations: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.status = self.current.model_copy(deep=True)
@@ -209,12 +290,33 @@ class StatusUpdate:
         return self
 
     def patch(self) -> dict[str, Any]:
-        """The top-level fields whose values differ from the current status (a merge patch)."""
+        """The top-level fields whose values differ from the current status (a merge patch). Inside a
+        changed object, a field that was unset is sent as null: a merge patch keeps what it omits."""
         before, after = self.current.wire(), self.status.wire()
-        patch = {key: value for key, value in after.items() if before.get(key) != value}
+        patch = {
+            key: _merge_patch(before[key], value)
+            if isinstance(value, dict) and isinstance(before.get(key), dict)
+            else value
+            for key, value in after.items()
+            if before.get(key) != value
+        }
         if patch and self.current.observed_generation != self.generation:
             patch["observedGeneration"] = self.generation
         return patch
+
+
+def _merge_patch(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch from `before` to `after` (lists are replaced whole, as merge patches do)."""
+    patch: dict[str, Any] = {key: None for key in before if key not in after}
+    for key, value in after.items():
+        old = before.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            nested = _merge_patch(old, value)
+            if nested:
+                patch[key] = nested
+        elif old != value or key not in before:
+            patch[key] = value
+    return patch
 
 
 def progress_status(history: Sequence[tuple[int, float]], epochs: int, now: datetime.datetime) -> Progress:

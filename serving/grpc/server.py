@@ -87,6 +87,13 @@ def _request_id(rpc_context: Any) -> str:
     return uuid.uuid4().hex
 
 
+def _routing_key(rpc_context: Any, header: str) -> str | None:
+    for key, value in rpc_context.invocation_metadata() or ():
+        if key == header and isinstance(value, str):
+            return value
+    return None
+
+
 def rpc(
     method: Callable[[Servicer, Request, Any], Awaitable[Reply]],
 ) -> Callable[[Servicer, Request, Any], Awaitable[Reply]]:
@@ -168,7 +175,7 @@ class InferenceServicer:
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=dataplane.name,
-            versions=[dataplane.version] if dataplane.version else [],
+            versions=dataplane.versions,
             platform=PLATFORM,
             inputs=[tensor(name=model.input_name, datatype="FP32", shape=[-1, *model.input_shape])],
             outputs=[
@@ -193,10 +200,14 @@ class InferenceServicer:
             batch = decode()
         else:
             batch = await anyio.to_thread.run_sync(decode)
-        result = await dataplane.infer_async(batch, ENDPOINT, ctx.started)
+        routed = dataplane.traffic is not None
+        key = _routing_key(rpc_context, dataplane.settings.routing_key_header) if routed else None
+        result = await dataplane.infer_async(
+            batch, ENDPOINT, ctx.started, key=key, version=request.model_version or None
+        )
         response = pb.ModelInferResponse(
             model_name=dataplane.name,
-            model_version=dataplane.version or "",
+            model_version=result.version,  # the version that answered: a canary serves two
             id=request.id or ctx.request_id,
         )
         tensors.encode_outputs(result, request, dataplane.require_model().output_name, response)

@@ -41,13 +41,20 @@ def _significant(values: Float32Array, digits: int = 3) -> npt.NDArray[np.float6
     return rounded
 
 
-def explain_one(dataplane: DataPlane, batch: Batch, endpoint: str, start: float) -> dict[str, Any]:
+def explain_one(
+    dataplane: DataPlane, batch: Batch, endpoint: str, start: float, request_id: str | None = None
+) -> dict[str, Any]:
     """Blocking: the prediction and saliency of a one-image batch, recorded under `endpoint` like any
-    prediction (the occluded copies are not predictions, so they are not counted)."""
+    prediction (the occluded copies are not predictions, so they are not counted). Always the stable
+    version's: a canary's candidate is judged on the predictions it serves, and an explanation must
+    describe the model that answers by default."""
     image = batch.images[0]
+    stable = dataplane.require_stable()
     result = explain.explain(image, dataplane.run_model)
     confidence = result.probabilities[result.digit]
+    stable.metrics.ok.inc()
     metrics.observe_predictions(
+        stable.metrics,
         endpoint,
         digits=[result.digit],
         confidences=[confidence],
@@ -55,6 +62,8 @@ def explain_one(dataplane: DataPlane, batch: Batch, endpoint: str, start: float)
         inverted=int(batch.inverted[0]),
         seconds=time.perf_counter() - start,
     )
+    probabilities = np.asarray([result.probabilities], dtype=np.float32)
+    dataplane.record_explained(batch, probabilities, endpoint, request_id)
     return {
         "digit": result.digit,
         "confidence": confidence,

@@ -73,8 +73,10 @@ def require_json(request: Request) -> None:
         raise unsupported_media(media)
 
 
-def json_response(content: dict[str, Any], status_code: int = 200) -> Response:
-    return Response(to_json(content), status_code=status_code, media_type="application/json")
+def json_response(
+    content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(to_json(content), status_code=status_code, headers=headers, media_type="application/json")
 
 
 async def run(body: bytes, inline_max_bytes: int, work: Callable[[], T]) -> T:

@@ -68,13 +68,16 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
         ctx = context.current()
         work = single_image_decoder(request, body, dataplane, limits)
         # Decoding may take a worker thread; the model call joins the batcher on the event loop.
-        result = await dataplane.infer_async(await run(body, inline_max_bytes, work), "predict", ctx.started)
+        batch = await run(body, inline_max_bytes, work)
+        key = dataplane.routing_key(request)
+        result = await dataplane.infer_async(batch, "predict", ctx.started, key=key)
         response = codec.encode_prediction(result, 0)
         response["model_name"] = dataplane.name
-        response["model_version"] = dataplane.version
+        response["model_version"] = result.version
+        # The id the prediction log keeps it under: feedback on this answer names it.
         response["request_id"] = ctx.request_id
         response["latency_ms"] = ctx.elapsed_ms()
-        return json_response(response)
+        return json_response(response, headers=dataplane.answered_by(result))
 
     async def predict_batch(request: Request) -> Response:
         body = await request.body()
@@ -89,15 +92,18 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
             return batch
 
         batch = await run(body, inline_max_bytes, work)
-        result = await dataplane.infer_async(batch, "predict_batch", ctx.started)
+        key = dataplane.routing_key(request)
+        result = await dataplane.infer_async(batch, "predict_batch", ctx.started, key=key)
         return json_response(
             {
                 "predictions": [codec.encode_prediction(result, i) for i in range(len(result.digits))],
                 "model_name": dataplane.name,
-                "model_version": dataplane.version,
+                "model_version": result.version,
+                # Item i is logged as f"{request_id}-{i}".
                 "request_id": ctx.request_id,
                 "latency_ms": ctx.elapsed_ms(),
-            }
+            },
+            headers=dataplane.answered_by(result),
         )
 
     router.add_api_route(

@@ -1,7 +1,8 @@
 """REST adapter for the Open Inference Protocol (KServe v2), so KServe and Triton clients work unchanged.
 
 Every model route exists unversioned and under `/versions/{version}`; one handler serves both paths
-(the version, when present, must be the served one). The tensor encoding is `serving.codec`'s, with
+(the version, when present, must be a served one: the stable version, or during a canary or shadow
+rollout the candidate, which then answers the request itself). The tensor encoding is `serving.codec`'s, with
 the binary tensor data extension: tensors as raw bytes after a JSON header whose length the
 `Inference-Header-Content-Length` header gives, both ways.
 """
@@ -88,6 +89,13 @@ def _check_media(request: Request, binary: bool) -> None:
     raise unsupported_media(media, f"application/json, or {OCTET_STREAM} with {codec.BINARY_HEADER}")
 
 
+def _infer_response(content: bytes, header_length: int | None, headers: dict[str, str]) -> Response:
+    if header_length is None:
+        return Response(content, media_type="application/json", headers=headers)
+    headers[codec.BINARY_HEADER] = str(header_length)
+    return Response(content, media_type=OCTET_STREAM, headers=headers)
+
+
 def register(router: APIRouter, dataplane: DataPlane) -> None:
     limits = codec.Limits.from_settings(dataplane.settings)
     inline_max_bytes = dataplane.settings.inline_max_bytes
@@ -107,7 +115,7 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
         model = dataplane.require_model()
         return V2ModelMetadata(
             name=dataplane.name,
-            versions=[dataplane.version] if dataplane.version else [],
+            versions=dataplane.versions,
             platform="onnxruntime_onnx",
             inputs=[V2TensorMetadata(name=model.input_name, datatype="FP32", shape=[-1, *model.input_shape])],
             outputs=[
@@ -141,7 +149,7 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
             def encode(result: Inference) -> tuple[bytes, int | None]:
                 head = {
                     "model_name": dataplane.name,
-                    "model_version": dataplane.version,
+                    "model_version": result.version,
                     "id": parsed.id if parsed.id is not None else ctx.request_id,
                 }
                 return codec.encode_v2_response(head, result, requested, model.output_name)
@@ -150,10 +158,14 @@ def register(router: APIRouter, dataplane: DataPlane) -> None:
 
         # Decoding may take a worker thread; the model call joins the batcher on the event loop.
         batch, encode = await run(body, inline_max_bytes, work)
-        content, header_length = encode(await dataplane.infer_async(batch, "v2_infer", ctx.started))
-        if header_length is None:
-            return Response(content, media_type="application/json")
-        return Response(content, media_type=OCTET_STREAM, headers={codec.BINARY_HEADER: str(header_length)})
+        result = await dataplane.infer_async(
+            batch,
+            "v2_infer",
+            ctx.started,
+            key=dataplane.routing_key(request),
+            version=params.get("version"),
+        )
+        return _infer_response(*encode(result), dataplane.answered_by(result) or {})
 
     def get(path: str, endpoint: Callable[..., Any], name: str, summary: str, **kwargs: Any) -> None:
         router.add_api_route(

@@ -2,10 +2,12 @@
 
 Each text (or binary) message is a `/predict` JSON body plus an optional `id` (echoed) and `explain`
 flag (adds the saliency map of `POST /explain`); each is answered with one JSON message:
-`{"type": "prediction", "id", "digit", "confidence", "probabilities", "inverted", "model_name",
-"model_version", "latency_ms", "dropped"[, "saliency", "input", "patch", "stride"]}` or
+`{"type": "prediction", "id", "request_id", "digit", "confidence", "probabilities", "inverted",
+"model_name", "model_version", "latency_ms", "dropped"[, "saliency", "input", "patch", "stride"]}` or
 `{"type": "error", "id", "status", "error"[, "detail"]}` (`status` as the HTTP status of the same
-problem on `/predict`).
+problem on `/predict`). `model_version` is the version that answered (during a canary, the
+connection's routing-key header keeps it on one side); `request_id` is the frame's own id, under
+which the prediction log keeps it.
 
 A drawing page sends frames faster than a busy server answers them, and only the newest frame still
 matters: a reader task takes messages off the socket as they come and keeps just the latest one; the
@@ -111,14 +113,16 @@ class LivePredictions:
                 return codec.decode_pixels(request.pixels)
             return codec.decode_instances([request], self.limits)
 
-    def explain(self, frame: Frame) -> dict[str, Any]:
-        return explain_one(self.dataplane, self.decode(frame), ENDPOINT, frame.received)
+    def explain(self, frame: Frame, request_id: str) -> dict[str, Any]:
+        return explain_one(self.dataplane, self.decode(frame), ENDPOINT, frame.received, request_id)
 
-    async def answer(self, frame: Frame, dropped: int) -> dict[str, Any]:
+    async def answer(self, frame: Frame, dropped: int, key: str | None = None) -> dict[str, Any]:
+        request_id = uuid.uuid4().hex
+        version = self.dataplane.version
         try:
             if frame.request.explain:
                 # ~170 images in one model call: never on the event loop, nor through the batcher.
-                reply = await anyio.to_thread.run_sync(self.explain, frame)
+                reply = await anyio.to_thread.run_sync(self.explain, frame, request_id)
             else:
                 # A small frame decodes faster inline than a thread hop; the model call then joins
                 # the batcher with the other requests.
@@ -126,8 +130,15 @@ class LivePredictions:
                     batch = await anyio.to_thread.run_sync(self.decode, frame)
                 else:
                     batch = self.decode(frame)
-                result = await self.dataplane.infer_async(batch, ENDPOINT, frame.received)
+                result = await self.dataplane.infer_async(
+                    batch,
+                    ENDPOINT,
+                    frame.received,
+                    key=key if self.dataplane.traffic is not None else None,
+                    request_id=request_id,
+                )
                 reply = codec.encode_prediction(result, 0)
+                version = result.version
         except ServingError as exc:
             return error_message(exc.message, exc.status_code, frame.request.id)
         except Exception:
@@ -136,9 +147,10 @@ class LivePredictions:
         return {
             "type": "prediction",
             "id": frame.request.id,
+            "request_id": request_id,
             **reply,
             "model_name": self.dataplane.name,
-            "model_version": self.dataplane.version,
+            "model_version": version,
             "latency_ms": round((time.perf_counter() - frame.received) * 1000, 3),
             "dropped": dropped,
         }
@@ -152,6 +164,8 @@ class LivePredictions:
         token = context.bind(context.RequestContext(uuid.uuid4().hex, time.perf_counter()))
         sending = asyncio.Lock()
         latest = Latest()
+        # One key per connection: a canary keeps the whole drawing session on one version.
+        key = ws.headers.get(self.settings.routing_key_header)
 
         async def send(message: dict[str, Any]) -> None:
             # Both tasks answer: the reader its rejections, the other its predictions.
@@ -161,7 +175,7 @@ class LivePredictions:
         async def answer_frames() -> None:
             while True:
                 frame, dropped = await latest.take()
-                await send(await self.answer(frame, dropped))
+                await send(await self.answer(frame, dropped, key))
 
         try:
             async with anyio.create_task_group() as tasks:

@@ -1,6 +1,8 @@
 // The digit recognizer page: a drawing pad (mouse, pen and touch through Pointer Events) and an
 // image upload, both sent to POST /predict as a base64 PNG/JPEG. While the person draws, the pad is
 // also streamed over the /ws/predict WebSocket for live predictions with their occlusion heat-map.
+// After each /predict answer, "Wrong? It was a ..." sends the true digit to POST /feedback under that
+// answer's request id (live answers have none: the feedback is for what was submitted).
 // No libraries, no network but ours.
 "use strict";
 
@@ -25,6 +27,9 @@
     explanation: document.getElementById("explanation"),
     heatmap: document.getElementById("heatmap"),
     liveStatus: document.getElementById("live-status"),
+    feedback: document.getElementById("feedback"),
+    feedbackStatus: document.getElementById("feedback-status"),
+    feedbackButtons: Array.from(document.querySelectorAll("#feedback button[data-digit]")),
   };
   const heat = els.heatmap.getContext("2d");
 
@@ -197,6 +202,7 @@
     if (message.saliency) paintHeatmap(message);
     if (message.id === submitted) return; // the prediction itself came from /predict
     render(message);
+    hideFeedback();
     els.source.hidden = false;
     els.latency.textContent = `${message.latency_ms.toFixed(2)} ms`;
     if (started !== undefined) els.roundtrip.textContent = `${(performance.now() - started).toFixed(1)} ms`;
@@ -277,6 +283,7 @@
 
   function showResult(body, roundTripMs) {
     render(body);
+    offerFeedback(body.request_id);
     els.source.hidden = true;
     els.latency.textContent = `${body.latency_ms.toFixed(2)} ms`;
     els.roundtrip.textContent = `${roundTripMs.toFixed(1)} ms`;
@@ -315,7 +322,65 @@
     );
   }
 
+  // --- feedback: the true digit of the last /predict answer ---------------------------------------
+
+  let feedbackFor = null; // the request id the buttons label
+
+  function offerFeedback(requestId) {
+    feedbackFor = requestId || null;
+    els.feedback.hidden = feedbackFor === null;
+    els.feedbackStatus.textContent = "";
+    for (const button of els.feedbackButtons) {
+      button.disabled = false;
+      button.classList.remove("chosen");
+    }
+    delete document.body.dataset.feedback;
+  }
+
+  function hideFeedback() {
+    feedbackFor = null;
+    els.feedback.hidden = true;
+  }
+
+  async function sendFeedback(label, button) {
+    const requestId = feedbackFor;
+    if (requestId === null) return;
+    for (const b of els.feedbackButtons) b.disabled = true;
+    els.feedbackStatus.textContent = "Sending\u2026";
+    let outcome = "error";
+    try {
+      const response = await fetch("/feedback", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ request_id: requestId, label }),
+      });
+      const body = await response.json().catch(() => ({}));
+      if (requestId !== feedbackFor) return; // a newer prediction replaced this one
+      if (response.ok) {
+        outcome = body.outcome;
+        button.classList.add("chosen");
+        els.feedbackStatus.textContent =
+          outcome === "created" ? `Thank you: recorded as a ${label}.` : `Already recorded as a ${label}.`;
+      } else {
+        outcome = `http-${response.status}`;
+        els.feedbackStatus.textContent = body.error || `The server answered ${response.status}.`;
+        // A refusal that may pass later (rate limit, database down) leaves the buttons usable.
+        if (response.status === 429 || response.status >= 500) for (const b of els.feedbackButtons) b.disabled = false;
+      }
+    } catch (err) {
+      if (requestId !== feedbackFor) return;
+      els.feedbackStatus.textContent = `The server could not be reached (${err.message}).`;
+      for (const b of els.feedbackButtons) b.disabled = false;
+    }
+    document.body.dataset.feedback = outcome;
+  }
+
+  for (const button of els.feedbackButtons) {
+    button.addEventListener("click", () => sendFeedback(Number(button.dataset.digit), button));
+  }
+
   function showPlaceholder() {
+    hideFeedback();
     els.result.hidden = true;
     els.error.hidden = true;
     els.placeholder.hidden = false;

@@ -149,6 +149,19 @@ def test_targets_met_missed_and_not_measured() -> None:
     assert verdicts["ready_warm_cache_s"] == "MISSED"
 
 
+def test_the_prediction_log_must_cost_less_than_ten_percent() -> None:
+    rows = [
+        row(serve_summary.LOG_OFF, "/predict", 16, 3000, p50_ms=5.0, p99_ms=10.0),
+        row(serve_summary.LOG_ON, "/predict", 16, 2800, p50_ms=5.4, p99_ms=11.5),
+    ]
+    targets = {t["key"]: t for t in serve_summary.evaluate(rows, [], None)}
+    assert targets["prediction_log_rps_ratio_c16"]["measured"] == 0.933
+    assert targets["prediction_log_rps_ratio_c16"]["verdict"] == "met"
+    assert targets["prediction_log_p50_ms_ratio_c16"]["verdict"] == "met"
+    assert targets["prediction_log_p99_ms_ratio_c16"]["verdict"] == "MISSED"  # 1.15 > 1.10
+    assert serve_summary.evaluate([], [], None)[-2]["verdict"] == "n/a"
+
+
 def test_a_row_with_errors_never_meets_a_target() -> None:
     rows = [row("ours", "/predict", 1, 1500, p50_ms=0.5, errors=3)]
     (verdict,) = [t for t in serve_summary.evaluate(rows, [], 1.0) if t["key"] == "p50_predict_c1_ms"]

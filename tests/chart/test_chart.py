@@ -125,6 +125,10 @@ def test_helm_lint_strict(helm: Helm, scenario: str) -> None:
         (["serving.image.digest=latest"], "digest"),
         (["serving.resources.limits=null"], "limits"),
         (["unknownTopLevelKey=1"], "unknownTopLevelKey"),
+        (["serving.predictionLog.enabled=true"], "predictionLog/existingSecret"),
+        (["serving.predictionLog.sample=1.5"], "predictionLog/sample"),
+        (["operator.alertmanagerWebhook.secretKey="], "alertmanagerWebhook/secretKey"),
+        (["drift.enabled=maybe"], "drift/enabled"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm: Helm, set_values: list[str], message: str) -> None:
@@ -298,6 +302,130 @@ def test_serving_deployment_contract(rendered: dict[str, Rendered]) -> None:
     assert "checkov.io/skip1" not in pinned["metadata"].get("annotations", {}), (
         "a pinned digest needs no skip"
     )
+
+
+def test_serving_logs_predictions_to_the_database_in_a_secret(rendered: dict[str, Rendered]) -> None:
+    """serving.predictionLog: the URL (and its password) only through a secretKeyRef; off by default."""
+    default = rendered["default"].one("Deployment", name_of("serving"))
+    names = {e["name"] for e in default["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not {name for name in names if name.startswith("SERVING_PREDICTION_LOG")}
+    deployment = rendered["postgresql"].one("Deployment", name_of("serving"))
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    url = env["SERVING_PREDICTION_LOG_URL"]
+    assert "value" not in url
+    assert url["valueFrom"]["secretKeyRef"] == {"name": "prediction-log-postgresql", "key": "url"}
+    assert env["SERVING_PREDICTION_LOG_SAMPLE"]["value"] == "1"
+    assert env["SERVING_PREDICTION_LOG_QUEUE_SIZE"]["value"] == "10000"
+    assert env["SERVING_PREDICTION_LOG_RETENTION_DAYS"]["value"] == "30"
+    # The drift job reads the same database serving writes.
+    drift = rendered["postgresql"].one("Deployment", name_of("drift"))
+    drift_env = {e["name"]: e for e in drift["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert drift_env["DRIFT_PREDICTION_LOG_URL"]["valueFrom"] == url["valueFrom"]
+
+
+def test_drift_job_follows_the_prediction_log(helm: Helm) -> None:
+    """drift.enabled unset: on exactly when serving logs predictions; false turns it off; on without a
+    prediction log to read, the chart refuses with the setting to fix."""
+
+    def drift_deployments(set_values: list[str]) -> list[dict[str, Any]]:
+        docs = parse_documents(helm.template(set_values=set_values).stdout)
+        return [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == name_of("drift")]
+
+    log = ["serving.predictionLog.enabled=true", "serving.predictionLog.existingSecret=log"]
+    assert not drift_deployments([])
+    assert len(drift_deployments(log)) == 1
+    assert not drift_deployments([*log, "drift.enabled=false"])
+    refused = helm.template(set_values=["drift.enabled=true"], check=False)
+    assert refused.returncode != 0 and "serving.predictionLog.existingSecret" in refused.stderr, (
+        refused.stderr
+    )
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment as the kubelet would give it, with each Secret value stood in for
+    by "<secret>/<key>" (what the operator's settings parse does not depend on the values)."""
+    env = {}
+    for item in container["env"]:
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "secretKeyRef" in item.get("valueFrom", {}):
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = f"{ref['name']}/{ref['key']}"
+    return env
+
+
+@pytest.mark.parametrize("scenario", ["monitoring-off", "postgresql"])
+def test_operator_webhooks_reach_the_operator_through_its_service(
+    rendered: dict[str, Rendered], scenario: str
+) -> None:
+    """MLflow's and Alertmanager's webhooks: the operator registers MLflow's to its own Service (no
+    hook Job), reads both secrets from Secrets, and its NetworkPolicy admits both callers."""
+    result = rendered[scenario]
+    deployment = result.one("Deployment", name_of("operator"))
+    template = deployment["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    env = _env(container)
+    url = urllib.parse.urlsplit(env["MNIST_OPERATOR_MLFLOW_WEBHOOK_URL"]["value"])
+    assert url.scheme == "http" and url.path == "/webhooks/mlflow"
+    host, _, port = url.netloc.partition(":")
+    service_name, namespace = host.split(".")[:2]
+    service = result.one("Service", service_name)
+    assert namespace == NAMESPACE
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, template["metadata"]["labels"])
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+    assert service_port["targetPort"] in {p["name"] for p in container["ports"]}
+    # Every Secret a key is read from is the user's (named in the values) or rendered with that key.
+    secrets = {doc["metadata"]["name"]: doc for doc in result.of_kind("Secret")}
+    for variable in ("MNIST_OPERATOR_MLFLOW_WEBHOOK_SECRET", "MNIST_OPERATOR_ALERTMANAGER_TOKEN"):
+        assert "value" not in env[variable], variable
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        if ref["name"] in secrets:
+            assert ref["key"] in secrets[ref["name"]]["data"], variable
+        else:
+            assert ref["name"] in json.dumps(result.values()), f"{variable}: {ref['name']} is nobody's"
+    # No Job (it would need a kubelet to finish before helm's --wait does): only the test pod hooks.
+    assert not result.of_kind("Job")
+    assert all(doc["kind"] in {"Pod", "NetworkPolicy"} for doc in result.documents if is_hook(doc))
+    # The operator's NetworkPolicy admits MLflow's pod and an Alertmanager in another namespace.
+    policy = result.one("NetworkPolicy", name_of("operator"))
+    mlflow_labels = result.one("Deployment", name_of("mlflow"))["spec"]["template"]["metadata"]["labels"]
+    alertmanager = {"app.kubernetes.io/name": "alertmanager"}
+    for labels, peer_namespace in ((mlflow_labels, NAMESPACE), (alertmanager, "monitoring")):
+        assert _policy_admits(policy, labels, peer_namespace, "health"), (labels, peer_namespace)
+    assert service_port["targetPort"] == "health"
+    # The operator's own settings parse from what the chart sets.
+    config = OperatorConfig.from_env(_secret_env(container))
+    assert config.mlflow_webhook_secret and config.alertmanager_token
+    assert config.mlflow_webhook_url == env["MNIST_OPERATOR_MLFLOW_WEBHOOK_URL"]["value"]
+    assert config.mlflow_webhook_name == name_of("operator"), "one webhook per release in MLflow"
+
+
+def test_operator_and_training_read_the_prediction_log_secret(rendered: dict[str, Rendered]) -> None:
+    """The operator counts feedback in the prediction log serving writes, and training Jobs of runs
+    with includeFeedback read its URL from the same Secret (in their own namespace), never a value."""
+    default = _env(
+        rendered["default"].one("Deployment", name_of("operator"))["spec"]["template"]["spec"]["containers"][
+            0
+        ]
+    )
+    assert not {name for name in default if "PREDICTION_LOG" in name or "FEEDBACK" in name}
+    result = rendered["postgresql"]
+    serving = _env(result.one("Deployment", name_of("serving"))["spec"]["template"]["spec"]["containers"][0])
+    log_ref = serving["SERVING_PREDICTION_LOG_URL"]["valueFrom"]
+    container = result.one("Deployment", name_of("operator"))["spec"]["template"]["spec"]["containers"][0]
+    operator = _env(container)
+    assert operator["MNIST_OPERATOR_PREDICTION_LOG_URL"]["valueFrom"] == log_ref
+    config = OperatorConfig.from_env(_secret_env(container))
+    assert config.prediction_log_url
+    job = build_job_spec(
+        name="feedback-probe",
+        namespace=NAMESPACE,
+        uid=str(uuid.uuid4()),
+        spec=TrainingRunSpec(include_feedback=True),
+        config=config,
+    )
+    job_env = _env(job["spec"]["template"]["spec"]["containers"][0])
+    assert job_env["MNIST_FEEDBACK_DB_URL"] == {"name": "MNIST_FEEDBACK_DB_URL", "valueFrom": log_ref}
 
 
 def test_serving_scales_on_load_through_prometheus_adapter_or_keda(rendered: dict[str, Rendered]) -> None:
@@ -610,6 +738,19 @@ def _mlflow_admits(policy: dict[str, Any], labels: dict[str, str], namespace: st
     )
 
 
+def _policy_admits(policy: dict[str, Any], labels: dict[str, str], namespace: str, port: str) -> bool:
+    """Whether an ingress rule of the policy admits a pod to the named port: a rule without ports
+    admits every port, one without `from` every peer (NetworkPolicy semantics)."""
+    namespace_labels = {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"].get("ingress", []):
+        ports = rule.get("ports")
+        if ports and not any(p.get("port") == port for p in ports):
+            continue
+        if "from" not in rule or any(_peer_admits(peer, labels, namespace_labels) for peer in rule["from"]):
+            return True
+    return False
+
+
 @pytest.mark.parametrize("scenario", ["default", "namespaced-rbac"])
 def test_mlflow_is_reachable_only_from_the_platforms_pods(
     rendered: dict[str, Rendered], scenario: str
@@ -859,6 +1000,15 @@ def _serving_uri(cluster: ControlPlane, namespace: str) -> str:
     return str(_env(container)["SERVING_MODEL_URI"]["value"])
 
 
+# Secrets the chart generates for the monitoring-off scenario (both webhooks on, no existing Secret).
+GENERATED_SECRETS = (name_of("mlflow-webhook"), name_of("alertmanager-webhook"))
+
+
+def _secret_data(cluster: ControlPlane, namespace: str, name: str) -> dict[str, str]:
+    proc = kubectl(cluster, "get", "secret", name, "-n", namespace, "-o", "json", check=True)
+    return dict(json.loads(proc.stdout).get("data") or {})
+
+
 def test_helm_upgrade_keeps_the_version_the_operator_pinned(
     cluster: ControlPlane, helm: Helm, control_plane: ControlPlane
 ) -> None:
@@ -875,6 +1025,8 @@ def test_helm_upgrade_keeps_the_version_the_operator_pinned(
     try:
         helm.run(["install", RELEASE, str(CHART_DIR), *common])
         assert _serving_uri(cluster, namespace) == "models:/mnist-cnn@champion"
+        generated = {name: _secret_data(cluster, namespace, name) for name in GENERATED_SECRETS}
+        assert all(generated.values()), generated
         # What the operator's rollout does (builders.build_rollout_patch): a strategic merge patch.
         patch = build_rollout_patch("4", "models:/mnist-cnn/4", ["serving"])
         kubectl(
@@ -891,6 +1043,10 @@ def test_helm_upgrade_keeps_the_version_the_operator_pinned(
         assert env["SERVING_LOG_LEVEL"]["value"] == "debug", "the upgrade was applied"
         assert env["SERVING_MODEL_URI"]["value"] == "models:/mnist-cnn/4", "the pin survived the upgrade"
         assert deployment["spec"]["template"]["metadata"]["annotations"][MODEL_VERSION_ANNOTATION] == "4"
+        # The webhook secrets the chart generated are kept (lookup): MLflow and Alertmanager still
+        # hold the old ones, and MLflow could no longer decrypt its stored webhook secret.
+        for name, data in generated.items():
+            assert _secret_data(cluster, namespace, name) == data, f"{name} was regenerated"
         # Serving another registered model: the old model's pin no longer applies.
         helm.run(["upgrade", RELEASE, str(CHART_DIR), *common, "--set", "serving.registeredModel=digits"])
         assert _serving_uri(cluster, namespace) == "models:/digits@champion"

@@ -92,11 +92,24 @@ def _walk(pydantic_node: Mapping[str, Any], crd_node: Mapping[str, Any], path: s
         for key in sorted(set(properties) & set(crd_properties)):
             yield from _walk(properties[key], crd_properties[key], f"{path}.{key}")
         return
+    if model.get("type") == "array":
+        yield from _compare_array(model, crd_node, path)
+        return
     if path.rsplit(".", 1)[-1] in FREE_FORM:
         if crd_node.get("type") != "object":
             yield f"{path}: a free-form dict in pydantic must be an object in the CRD"
         return
     yield from _compare_leaf(model, crd_node, path)
+
+
+def _compare_array(model: Mapping[str, Any], crd_node: Mapping[str, Any], path: str) -> Iterator[str]:
+    if crd_node.get("type") != "array":
+        yield f"{path}: type {crd_node.get('type')!r} != pydantic 'array'"
+        return
+    for keyword in ("minItems", "maxItems"):
+        if crd_node.get(keyword) != model.get(keyword):
+            yield f"{path}: {keyword} {crd_node.get(keyword)} != pydantic {model.get(keyword)}"
+    yield from _walk(model.get("items", {}), crd_node.get("items", {}), f"{path}[]")
 
 
 def _compare_leaf(model: Mapping[str, Any], crd_node: Mapping[str, Any], path: str) -> Iterator[str]:
@@ -254,6 +267,29 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         {"servingSelector": {"matchExpressions": [{"key": "tier", "operator": "In"}]}},
         "In and NotIn need values",
     ),
+    (
+        "strategy",
+        {"rollout": {"strategy": "bluegreen"}},
+        'spec.rollout.strategy: Unsupported value: "bluegreen"',
+    ),
+    (
+        "weights-decrease",
+        {"rollout": {"steps": [{"weight": 50}, {"weight": 10}]}},
+        "rollout.steps weights must be strictly increasing",
+    ),
+    (
+        "weights-repeat",
+        {"rollout": {"steps": [{"weight": 10}, {"weight": 10}]}},
+        "rollout.steps weights must be strictly increasing",
+    ),
+    ("weight-100", {"rollout": {"steps": [{"weight": 100}]}}, "weight in body should be less than 100"),
+    ("hold", {"rollout": {"steps": [{"weight": 5, "holdSeconds": 1}]}}, "holdSeconds in body should be"),
+    ("no-steps", {"rollout": {"steps": []}}, "should have at least 1 items"),
+    (
+        "agreement",
+        {"rollout": {"analysis": {"minAgreement": 1.5}}},
+        "minAgreement in body should be less than or equal to 1",
+    ),
 ]
 
 
@@ -307,6 +343,27 @@ def test_partial_spec_keeps_given_values_and_defaults_the_rest(
     assert stored["resources"] == {"cpu": 2, "gpu": 1}
 
 
+def test_a_rollout_is_defaulted_as_pydantic_defaults_it(
+    control_plane: ControlPlane, crd_namespace: str
+) -> None:
+    """`rollout: {strategy: canary}` gets the default steps and thresholds on both sides; no `rollout`
+    at all stays absent (the operator's default strategy applies)."""
+    name = unique_name("rollout")
+    spec = {"rollout": {"strategy": "canary", "analysis": {"minRequests": 20}}}
+    applied = kubectl(control_plane, "apply", "-n", crd_namespace, "-f", "-", manifest=_manifest(name, spec))
+    assert applied.returncode == 0, applied.stderr
+    stored = json.loads(kubectl(control_plane, "get", "tr", name, "-n", crd_namespace, "-o", "json").stdout)[
+        "spec"
+    ]
+    parsed = TrainingRunSpec.model_validate(spec)
+    assert stored["rollout"] == parsed.model_dump(by_alias=True, mode="json", exclude_none=True)["rollout"]
+    assert stored["rollout"]["steps"] == [
+        {"weight": 10, "holdSeconds": 120},
+        {"weight": 50, "holdSeconds": 120},
+    ]
+    assert "strategy" not in apply_crd_defaults(SPEC_SCHEMA, {"rollout": {}})["rollout"]
+
+
 def test_the_seed_manifests_are_accepted(control_plane: ControlPlane, crd_namespace: str) -> None:
     from testing.operator_harness import SEED_MANIFESTS
 
@@ -354,7 +411,18 @@ def test_kubectl_get_shows_the_columns_and_the_category(
     table = kubectl(control_plane, "get", "tr", name, "-n", crd_namespace)
     assert table.returncode == 0, table.stderr
     header = table.stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "ARCHITECTURE", "ACCURACY", "VERSION", "PROMOTED", "AGE"]
+    assert header == [
+        "NAME",
+        "PHASE",
+        "ARCHITECTURE",
+        "ACCURACY",
+        "VERSION",
+        "PROMOTED",
+        "STRATEGY",
+        "WEIGHT",
+        "ANALYSIS",
+        "AGE",
+    ]
     by_category = kubectl(control_plane, "get", "mlops", "-n", crd_namespace, "-o", "name")
     assert f"trainingrun.{API_GROUP}/{name}" in by_category.stdout.split()
 

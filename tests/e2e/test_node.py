@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from local_mode.processes import wait_until
-from testing.kubectl import kubectl
+from testing.kubectl import kubectl, kubectl_watch
 from testing.node import NodeCluster
 from testing.peers import peer_python
 from testing.prometheus import Prometheus, scrape_job
@@ -722,6 +722,97 @@ def test_fault_operator_killed_between_promotion_and_rollout(
                 "delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", FREEZE_POLICY,
                 "--ignore-not-found",
             )  # fmt: skip
+
+
+def _mnist_test_payloads(count: int) -> list[dict[str, Any]]:
+    """`count` MNIST test digits as /predict bodies: varied digits, so the canary's digit-mix check has
+    something to compare."""
+    import numpy as np
+
+    with np.load(REPO_ROOT / "data" / "mnist.npz") as data:
+        images = data["x_test"][:count]
+    return [{"pixels": image.astype(int).tolist()} for image in images]
+
+
+def test_a_canary_rollout_steps_up_on_live_metrics_and_promotes(
+    platform: Platform, trained: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """One canary end to end on the real node: the operator pod reads a real Prometheus that scrapes
+    the serving pods (listening on the node's bridge address, where pods reach it), the serving pods
+    split live traffic by the registry's traffic tag, and the run ends Promoted with the pods pinned."""
+    from testing.node import NODE_IP
+
+    monitor = platform.get("servicemonitor", f"{RELEASE}-serving")
+    prometheus = Prometheus(
+        [scrape_job(monitor, platform.cluster.kubeconfig_path, interval="1s")],
+        tmp_path / "prometheus",
+        binary=platform.cluster.plane.bin_dir / "prometheus",
+        scrape_interval="1s",
+        listen_host=NODE_IP,
+    )
+    name = "canary-e2e"
+    stop = threading.Event()
+    answered: dict[str, int] = {}
+    watch = None
+    url = platform.service_url("serving")
+    payloads = _mnist_test_payloads(200)
+
+    def traffic() -> None:
+        with httpx.Client(timeout=10) as client:
+            index = 0
+            while not stop.is_set():
+                response = client.post(f"{url}/predict", json=payloads[index % len(payloads)])
+                index += 1
+                if response.status_code == 200:
+                    version = response.headers["X-Model-Version"]
+                    answered[version] = answered.get(version, 0) + 1
+                time.sleep(0.02)
+
+    sender = threading.Thread(target=traffic, daemon=True)
+    try:
+        analysed_by = f"operator.prometheusUrl={prometheus.url}"
+        platform.helm("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", analysed_by)
+        platform.rollout_status(f"{RELEASE}-operator", timeout=300)
+        stable = platform.champion_version()
+        run = _fault_run(name, epochs=1)
+        run["spec"]["rollout"] = {
+            "strategy": "canary",
+            "steps": [{"weight": 50, "holdSeconds": 20}],
+            # The check thresholds are loose: this test is about the mechanism on real pods (weights,
+            # Prometheus, the analysis, the promotion); the fast tier tests each check's verdict.
+            "analysis": {
+                "maxP99LatencyRatio": 20,
+                "p99LatencyFloorMs": 200,
+                "maxConfidenceDrop": 0.5,
+                "maxDigitDivergence": 0.5,
+                "minRequests": 20,
+            },
+        }
+        sender.start()
+        platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(run))
+        watch = kubectl_watch(platform.cluster.plane, "-n", NAMESPACE, "get", "trainingrun", name, "-w")
+        final = _final(platform, name)
+        status = final["status"]
+        assert status["phase"] == "Promoted", f"{status}\n{platform.diagnostics()}"
+        version = str(status["modelVersion"])
+        analyses = status["traffic"]["analyses"]
+        assert analyses and all(record["passed"] for record in analyses), analyses
+        # During the step both versions answered live requests: the pods split the traffic.
+        assert answered.get(version, 0) > 0 and answered.get(stable, 0) > 0, answered
+        platform.rollout_status(f"{RELEASE}-serving", timeout=300)
+        assert platform.serving_model_uri() == f"models:/{MODEL}/{version}"
+        response = httpx.post(f"{url}/predict", json=SAMPLE_DIGIT, timeout=10)
+        assert response.headers["X-Model-Version"] == version
+    finally:
+        stop.set()
+        if sender.is_alive():
+            sender.join(timeout=15)
+        if watch is not None:
+            watch.terminate()
+            recorded = watch.communicate(timeout=10)[0]
+            print(f"\nkubectl get trainingrun {name} -w:\n{recorded}")
+        print(f"answers by version: {answered}")
+        prometheus.stop()
 
 
 def test_helm_upgrade_to_a_newer_mlflow_migrates_its_database(

@@ -61,11 +61,11 @@ PIP_SETTINGS = (
     "PIP_PROXY",
 )
 # Our projects the images pip-install, and the packages each image must hold installed, compiled.
-INSTALLED_PROJECTS = ("contract", "training_job", "operator", "serving")
+INSTALLED_PROJECTS = ("contract", "prediction_log", "drift", "training_job", "operator", "serving")
 INSTALLED_PACKAGES = {
-    "training": ("contract", "training_job"),
-    "serving": ("serving", "serving.grpc", "serving.rest"),
-    "operator": ("contract", "mnist_operator"),
+    "training": ("contract", "prediction_log", "drift", "training_job"),
+    "serving": ("prediction_log", "serving", "serving.grpc", "serving.rest"),
+    "operator": ("contract", "prediction_log", "mnist_operator"),
 }
 EXPECTED_ENTRYPOINT = {
     "training": ["python", "-m", "training_job"],
@@ -673,6 +673,9 @@ def test_dockerignore_keeps_the_context_small() -> None:
         assert not ignore.admits(outside), f"{outside} should not be sent to the builder"
     for inside in (
         "contract/spec.py",
+        "prediction_log/store.py",
+        "prediction_log/pyproject.toml",
+        "drift/pyproject.toml",
         "operator/pyproject.toml",
         "serving/pyproject.toml",
         "serving/__main__.py",

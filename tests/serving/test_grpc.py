@@ -306,10 +306,19 @@ def test_typed_contents_and_malformed_raw_contents(
 
 
 def test_grpc_inference_is_counted_in_the_prediction_metrics(
-    client: httpx.Client, target: str, served_model: ServedModel, input_name: str, serving_mnist_test: Mnist
+    *,
+    client: httpx.Client,
+    target: str,
+    served_model: ServedModel,
+    served_version: str,
+    input_name: str,
+    serving_mnist_test: Mnist,
 ) -> None:
     images = serving_mnist_test[0][100:110]
-    latency = ("mnist_prediction_latency_seconds_count", (("endpoint", "grpc_infer"),))
+    latency = (
+        "mnist_prediction_latency_seconds_count",
+        (("endpoint", "grpc_infer"), ("version", served_version)),
+    )
     batches = ("mnist_prediction_batch_size_count", ())
     before = metric_samples(client)
     requests = [infer_request(input_name, images[:4]), infer_request(input_name, images[4:])]
@@ -326,7 +335,7 @@ def test_grpc_inference_is_counted_in_the_prediction_metrics(
         + out["results"][1]["outputs"]["predicted_digit"]["data"]
     )
     for digit in set(digits):
-        key = ("mnist_predictions_total", (("digit", str(digit)),))
+        key = ("mnist_predictions_total", (("digit", str(digit)), ("version", served_version)))
         assert after[key] - before.get(key, 0.0) == digits.count(digit)
 
 

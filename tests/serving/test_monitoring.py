@@ -25,8 +25,9 @@ import numpy.typing as npt
 import pytest
 import yaml
 
+from drift.metrics import EXPORTED_METRICS as DRIFT_METRICS
 from local_mode.processes import wait_until
-from serving.metrics import EXPORTED_METRICS
+from serving.metrics import EXPORTED_METRICS, ROLLOUT_METRICS
 from testing.helm import CHART_DIR, NAMESPACE, RELEASE, Helm, Rendered
 from testing.prometheus import Prometheus, label_name, relabel_config
 from testing.serving import ServingProcess
@@ -34,6 +35,9 @@ from testing.serving import ServingProcess
 MONITORING_TESTS = CHART_DIR / "monitoring-tests" / "alerts.test.yaml"
 DASHBOARD = CHART_DIR / "dashboards" / "mnist-serving.json"
 SERVING_JOB = f"{RELEASE}-serving"
+# The drift job's (drift/): its alert and dashboard panel read these, scraped from its own Service.
+DRIFT_JOB = f"{RELEASE}-drift"
+DRIFT_ALERTS = {"MnistInputDrift"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 # The training alert reads kube-state-metrics, which kube-prometheus-stack ships.
 KUBE_STATE_METRICS = {"kube_job_failed", "kube_job_labels"}
@@ -137,6 +141,11 @@ def family_allowed(name: str) -> bool:
     )
 
 
+def reads_drift_job(query: str) -> bool:
+    """Whether a dashboard query reads the drift job's metrics (not serving's)."""
+    return bool(metric_names(query) & set(DRIFT_METRICS))
+
+
 def test_metric_name_extraction() -> None:
     """The extractor itself, on the shapes the dashboard and alerts use."""
     expr = (
@@ -192,6 +201,7 @@ def test_every_alert_is_unit_tested_both_ways(rendered: dict[str, Rendered]) -> 
         "MnistServingHighErrorRate",
         "MnistServingHighLatencyP99",
         "MnistPredictionConfidenceLow",
+        "MnistInputIntensityShift",
         "MnistInputDrift",
         "MnistServingNoPredictions",
         "MnistTrainingJobFailed",
@@ -211,6 +221,10 @@ def test_alerts_read_only_exported_metrics(rendered: dict[str, Rendered]) -> Non
         assert names, name
         if name == "MnistTrainingJobFailed":
             assert names <= KUBE_STATE_METRICS, names
+            continue
+        if name in DRIFT_ALERTS:
+            assert names <= set(DRIFT_METRICS), names
+            assert f'job="{DRIFT_JOB}"' in rule["expr"] and f'namespace="{NAMESPACE}"' in rule["expr"]
             continue
         unknown = {n for n in names if not family_allowed(n)}
         assert not unknown, f"{name} reads metrics serving does not export: {unknown}"
@@ -318,8 +332,10 @@ def test_dashboard_reads_only_exported_metrics(dashboard: dict[str, Any]) -> Non
         names = metric_names(query)
         assert names, f"no metric in {query!r}"
         used |= names
-    unknown = {name for name in used if not family_allowed(name)}
+    unknown = {name for name in used if not family_allowed(name) and name not in DRIFT_METRICS}
     assert not unknown, f"the dashboard reads metrics serving does not export: {sorted(unknown)}"
+    missing_drift = set(DRIFT_METRICS) - used
+    assert not missing_drift, f"drift metrics without a panel: {missing_drift}"
     families = {
         f for f in EXPORTED_METRICS if f in used or any(f + suffix in used for suffix in HISTOGRAM_SUFFIXES)
     }
@@ -424,7 +440,10 @@ def test_prometheus_scrapes_serving_with_the_charts_relabeling(
     raw = httpx.get(serving_server.url + "/metrics", timeout=10).text
     assert "python_gc_objects_collected_total" in raw, "the serving process should export GC series"
     _traffic(serving_server.url, serving_mnist_test[0])
-    queries = dashboard_queries(dashboard)
+    # A canary's or shadow's own series exist only during a rollout (tests/serving/test_routing.py).
+    queries = [q for q in dashboard_queries(dashboard) if not metric_names(q) <= set(ROLLOUT_METRICS)]
+    # The drift panels read the drift job, which tests/drift/ scrapes; this Prometheus has serving only.
+    queries = [query for query in queries if not reads_drift_job(query)]
 
     def every_query_has_series() -> bool:
         return all(prometheus.query(query) for query in queries)
@@ -445,7 +464,7 @@ def test_prometheus_scrapes_serving_with_the_charts_relabeling(
         f
         for f in EXPORTED_METRICS
         if f not in scraped and not any(f + s in scraped for s in HISTOGRAM_SUFFIXES)
-    }
+    } - set(ROLLOUT_METRICS)
     assert not missing, f"declared in EXPORTED_METRICS but not scraped: {missing}"
     assert {name for name in scraped if not family_allowed(name)} == set(), "scraped but not declared"
     ready = prometheus.query("mnist_model_ready")

@@ -41,8 +41,9 @@ def ask(ws: ClientConnection, message: dict[str, Any] | str) -> dict[str, Any]:
 
 def predictions_counted(server: ServingProcess, endpoint: str = "ws_predict") -> float:
     text = httpx.get(server.url + "/metrics", timeout=10).text
-    prefix = f'mnist_prediction_latency_seconds_count{{endpoint="{endpoint}"}} '
-    return sum(float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix))
+    # Every version's series (labels: endpoint, then version).
+    prefix = f'mnist_prediction_latency_seconds_count{{endpoint="{endpoint}",'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 def test_answers_mnist_digits_like_predict(

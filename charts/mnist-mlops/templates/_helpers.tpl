@@ -158,3 +158,43 @@ appended to the tag. A digest pins the image exactly and is used as given.
 {{- printf "%s:%s" $m.image.repository $m.image.tag }}
 {{- end }}
 {{- end }}
+
+{{/* The secretKeyRef (name, key) of the HMAC secret MLflow signs its webhooks to the operator with. */}}
+{{- define "mnist-mlops.operator.webhookSecretRef" -}}
+{{- if .Values.operator.mlflowWebhook.secretName }}
+name: {{ .Values.operator.mlflowWebhook.secretName }}
+key: {{ .Values.operator.mlflowWebhook.secretKey }}
+{{- else }}
+name: {{ include "mnist-mlops.componentName" (list . "mlflow-webhook") }}
+key: secret
+{{- end }}
+{{- end }}
+
+{{/* Non-empty when the operator serves a webhook, so its Service is needed. */}}
+{{- define "mnist-mlops.operator.webhooks" -}}
+{{- if or .Values.operator.mlflowWebhook.enabled .Values.operator.alertmanagerWebhook.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Where in-cluster callers reach the operator's health port (its Service, service.yaml). */}}
+{{- define "mnist-mlops.operator.url" -}}
+{{- printf "http://%s.%s.svc:%d" (include "mnist-mlops.componentName" (list . "operator")) .Release.Namespace (int .Values.operator.healthPort) }}
+{{- end }}
+
+{{/* The secretKeyRef (name, key) of the bearer token Alertmanager presents to the operator. */}}
+{{- define "mnist-mlops.operator.alertmanagerTokenRef" -}}
+name: {{ .Values.operator.alertmanagerWebhook.existingSecret | default (include "mnist-mlops.componentName" (list . "alertmanager-webhook")) }}
+key: {{ .Values.operator.alertmanagerWebhook.secretKey }}
+{{- end }}
+
+{{/*
+The secretKeyRef (name, key) of the prediction log's SQLAlchemy URL: serving.predictionLog's Secret,
+which serving writes through, the drift job reads and the operator counts feedback in (a component's
+own predictionLog.existingSecret wins, for a reader with other database credentials).
+*/}}
+{{- define "mnist-mlops.predictionLogSecretRef" -}}
+{{- $root := index . 0 }}
+{{- $own := index . 1 }}
+{{- $log := $root.Values.serving.predictionLog }}
+name: {{ $own.existingSecret | default $log.existingSecret | required "serving.predictionLog.existingSecret is required: the Secret holding the prediction log's SQLAlchemy URL" }}
+key: {{ $own.urlKey | default $log.urlKey }}
+{{- end }}
