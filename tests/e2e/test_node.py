@@ -160,6 +160,9 @@ def helm_values(images: dict[str, str], mlflow_ref: str) -> dict[str, Any]:
             },
             "progressIntervalSeconds": 5,
             "rolloutTimeoutSeconds": 300,
+            # MLflow's registry webhooks into the operator, as a user turns them on: an alias moved by
+            # hand reaches the pods at once (the periodic check stays the fallback).
+            "mlflowWebhook": {"enabled": True},
         },
         "serving": {
             "image": {"repository": serving_repo, "tag": serving_tag},
@@ -813,6 +816,51 @@ def test_a_canary_rollout_steps_up_on_live_metrics_and_promotes(
             print(f"\nkubectl get trainingrun {name} -w:\n{recorded}")
         print(f"answers by version: {answered}")
         prometheus.stop()
+
+
+def test_an_alias_moved_outside_the_operator_reaches_the_pods(
+    platform: Platform, trained: dict[str, dict[str, Any]]
+) -> None:
+    """The champion alias moved by hand through MLflow's own REST API, as the MLflow UI or client would:
+    MLflow's webhook (HMAC-signed, registered by the operator at start-up) or the periodic check rolls
+    serving to that exact version, and the operator confirms it from the pods' own /health."""
+    deployment = f"{RELEASE}-serving"
+    champion = platform.champion_version()
+    earlier = max((version for version in _versions(platform) if version != champion), key=int)
+    service = platform.get("service", f"{RELEASE}-mlflow")
+    port = service["spec"]["ports"][0]["port"]
+    moved = time.monotonic()
+    response = httpx.post(
+        f"http://{service['spec']['clusterIP']}:{port}/api/2.0/mlflow/registered-models/alias",
+        json={"name": MODEL, "alias": "champion", "version": earlier},
+        headers={"Host": f"{RELEASE}-mlflow.{NAMESPACE}.svc:{port}"},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    url = platform.service_url("serving")
+
+    def every_answer_from_the_moved_version() -> bool:
+        versions = {
+            httpx.post(f"{url}/predict", json=SAMPLE_DIGIT, timeout=10).headers.get("X-Model-Version")
+            for _ in range(6)
+        }
+        return versions == {earlier}
+
+    try:
+        wait_until(every_answer_from_the_moved_version, 120, f"serving to answer with version {earlier}", 0.5)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+    seconds = time.monotonic() - moved
+    events = platform.kubectl("get", "events", "--field-selector", f"involvedObject.name={deployment}")
+    print(f"\nalias moved to {earlier} by hand; every answer from it after {seconds:.1f} s\n{events[-1500:]}")
+    assert seconds <= 60, f"the pods served the moved alias only after {seconds:.1f} s"
+    assert platform.serving_model_uri() == f"models:/{MODEL}/{earlier}"
+
+    def confirmed() -> str | None:
+        annotations = platform.get("deployment", deployment)["metadata"].get("annotations") or {}
+        return annotations.get("mnist-mlops.io/confirmed-version")
+
+    assert wait_until(lambda: confirmed() == earlier, 60, "the pods' version confirmed", 1)
 
 
 def test_helm_upgrade_to_a_newer_mlflow_migrates_its_database(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ from mnist_operator import tracking
 from mnist_operator.progressive import ROLLOUT_ACTION_ANNOTATION
 from testing.controlplane import ControlPlane
 from testing.fake_kubelet import FakeKubelet
-from testing.kubectl import get_json, kubectl_ok, unique_name
+from testing.kubectl import get_json, kubectl_ok, kubectl_watch, unique_name
 from testing.operator_harness import (
     REPO_ROOT,
     OperatorFactory,
@@ -329,10 +330,14 @@ class Timeline:
     changes: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    # `kubectl get tr -w` beside the poller: what a person watching the rollout sees (the README's example).
+    watch: subprocess.Popen[str] | None = None
+    watched: str = ""
 
     def start(self) -> Timeline:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+        self.watch = kubectl_watch(self.plane, "get", "tr", self.name, "-n", self.namespace, "-w")
         return self
 
     def _run(self) -> None:
@@ -362,6 +367,9 @@ class Timeline:
         self.stop.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
+        if self.watch is not None:
+            self.watch.terminate()
+            self.watched = self.watch.communicate(timeout=10)[0]
 
     def report(self) -> str:
         if not self.changes:
@@ -545,6 +553,7 @@ def env(
             for timeline in environment.timelines:
                 timeline.close()
                 print(f"--- timeline of {timeline.name} ---\n{timeline.report()}")
+                print(f"--- kubectl get tr {timeline.name} -w ---\n{timeline.watched}")
         if prometheus is not None:
             prometheus.stop()
         for server in servers:
