@@ -243,7 +243,24 @@ def _log_params_and_data(params: Mapping[str, Any], dataset: Dataset) -> None:
         (dataset.test, "mnist-test", "test"),
     ):
         # No source: MLflow resolves a string source as a URI it can load from, which a database URL is not.
-        mlflow.log_input(from_numpy(split.images, targets=split.labels, name=name), context=context)
+        _log_input(mlflow, from_numpy(split.images, targets=split.labels, name=name), context)
+
+
+def _log_input(mlflow: Any, dataset: Any, context: str) -> None:
+    """`mlflow.log_input`, once more if the tracking server lost a race: its get-or-create of the dataset
+    row is not atomic, so two runs of one experiment logging the same dataset at once can have the
+    second insert refused (a UNIQUE constraint on experiment, name and digest, seen with concurrent
+    TrainingRuns). The row exists by then, and the retry links this run to it; a second refusal is real."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        if "UNIQUE constraint" not in str(error) and "duplicate key" not in str(error):
+            raise
+        log.warning("logging dataset %s raced another run; retrying once: %s", dataset.name, error)
+        time.sleep(0.5)
+        mlflow.log_input(dataset, context=context)
 
 
 def _model_summary(model: Any) -> str:
