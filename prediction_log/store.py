@@ -468,22 +468,3 @@ class PredictionStore:
     def count(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(predictions)).scalar_one())
-
-
-__all__ = [
-    "IMAGE_SIDE",
-    "NUM_CLASSES",
-    "REQUEST_ID_MAX",
-    "FeedbackResult",
-    "LabelledSet",
-    "LoggedPrediction",
-    "LoggedWindow",
-    "PredictionRow",
-    "PredictionStore",
-    "decode_images",
-    "decode_probabilities",
-    "encode_batch",
-    "encode_images",
-    "encode_rows",
-    "predictions",
-]
