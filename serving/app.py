@@ -67,6 +67,7 @@ def _prediction_log(settings: Settings, dataplane: DataPlane) -> PredictionLog |
         retention_days=settings.prediction_log_retention_days,
         shutdown_seconds=settings.graceful_shutdown_seconds,
         flush_seconds=settings.prediction_log_flush_seconds,
+        batch_records=settings.prediction_log_batch_records,
     )
     dataplane.add_prediction_listener(prediction_log.record)
     return prediction_log

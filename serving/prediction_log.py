@@ -3,14 +3,14 @@ SERVING_PREDICTION_LOG_SAMPLE) goes to the `prediction_log` store, off the reque
 
 The data plane calls `PredictionLog.record` at the end of each prediction (contract C). It only appends
 the event to a bounded in-memory queue (SERVING_PREDICTION_LOG_QUEUE_SIZE records): no encoding, no I/O,
-no waiting. When the queue is full the records are dropped and counted, so a slow or unreachable
-database never slows a prediction, let alone fails one. A background task (`run`) takes batches of up to
-`BATCH_RECORDS` records, every SERVING_PREDICTION_LOG_FLUSH_SECONDS (0.5) or as soon as a batch is full,
-and writes each in a worker thread in one transaction. A failed write keeps its records (they still
-count against the queue's bound) and is retried with capped exponential backoff; records that arrive
-meanwhile and do not fit are dropped and counted. Records a database refuses for what they are (not
-for being unreachable) are written one by one so that one bad row cannot block the rest; the rows still
-refused are counted as failed.
+no waiting. When the queue is full the records are dropped and counted, so a slow or unreachable database
+never slows a prediction, let alone fails one. A background task (`run`) takes batches of up to
+SERVING_PREDICTION_LOG_BATCH_RECORDS (500) records, every SERVING_PREDICTION_LOG_FLUSH_SECONDS (0.5) or
+as soon as a batch is full, and writes each in a worker thread in one transaction. A failed write keeps
+its records (they still count against the queue's bound) and is retried with capped exponential backoff;
+records that arrive meanwhile and do not fit are dropped and counted. Records a database refuses for what
+they are (not for being unreachable) are written one by one so that one bad row cannot block the rest;
+the rows still refused are counted as failed.
 
 On shutdown (`close`, from the app's lifespan: uvicorn has stopped accepting connections and finished the
 requests in flight by then) everything still queued is written, for at most
@@ -48,7 +48,7 @@ from serving.model import Float32Array
 
 log = logging.getLogger("serving.prediction_log")
 
-BATCH_RECORDS = 500
+BATCH_RECORDS = 500  # the default of SERVING_PREDICTION_LOG_BATCH_RECORDS
 FLUSH_INTERVAL_SECONDS = 0.5  # the default of SERVING_PREDICTION_LOG_FLUSH_SECONDS
 RETRY_MAX_SECONDS = 30.0
 PURGE_INTERVAL_SECONDS = 3600.0
@@ -111,6 +111,7 @@ class PredictionLog:
         retention_days: float = 30.0,
         shutdown_seconds: float = 25.0,
         flush_seconds: float = FLUSH_INTERVAL_SECONDS,
+        batch_records: int = BATCH_RECORDS,
     ) -> None:
         self.store = PredictionStore(url)
         self.model_name = model_name
@@ -119,6 +120,7 @@ class PredictionLog:
         self.retention = timedelta(days=retention_days) if retention_days > 0 else None
         self.shutdown_seconds = shutdown_seconds
         self.flush_seconds = flush_seconds
+        self.batch_records = batch_records
         self._lock = threading.Lock()
         self._pending: deque[_Entry] = deque()
         self._pending_records = 0
@@ -166,7 +168,7 @@ class PredictionLog:
                 )
                 self._size += admitted
                 self._pending_records += admitted
-            wake = self._pending_records >= BATCH_RECORDS and not self._wake_requested
+            wake = self._pending_records >= self.batch_records and not self._wake_requested
             if wake:
                 self._wake_requested = True
         if admitted < count:
@@ -245,7 +247,7 @@ class PredictionLog:
         with self._lock:
             batch: list[_Entry] = []
             records = 0
-            while self._pending and records < BATCH_RECORDS:
+            while self._pending and records < self.batch_records:
                 entry = self._pending.popleft()
                 batch.append(entry)
                 records += len(entry.images)

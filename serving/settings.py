@@ -161,7 +161,13 @@ class Settings(BaseSettings):
         default=30.0, ge=0.0, description="Rows older than this are purged hourly; 0 keeps them all."
     )
     prediction_log_flush_seconds: float = Field(
-        default=0.5, gt=0.0, le=60.0, description="How often queued records are written (also at 500)."
+        default=0.5,
+        gt=0.0,
+        le=60.0,
+        description="How often queued records are written (sooner once a batch is full).",
+    )
+    prediction_log_batch_records: int = Field(
+        default=500, ge=1, description="Records per INSERT; a full batch is written without waiting."
     )
 
     @field_validator("otlp_endpoint", "prediction_log_url", mode="before")

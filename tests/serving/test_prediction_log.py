@@ -9,6 +9,7 @@ blocking; the retention purge deletes old rows only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import statistics
@@ -345,10 +346,17 @@ def test_sigterm_under_load_loses_nothing(
     serving_mnist_test: Mnist,
 ) -> None:
     images = serving_mnist_test[0][:64]
-    # Flushes every minute (or at 500 records): at the SIGTERM most answered records are still
-    # queued, and only the shutdown flush can save them.
+    # Flushes only every minute and never for a full batch (a batch of 500 could otherwise empty the
+    # queue between the 300th answer and the SIGTERM): every answered record is still queued at the
+    # SIGTERM, and only the shutdown flush can save them.
     server = start_logging_server(
-        tmp_path, served_model, serving_cache_dir, log_url, SERVING_PREDICTION_LOG_FLUSH_SECONDS="60"
+        tmp_path,
+        served_model,
+        serving_cache_dir,
+        log_url,
+        SERVING_PREDICTION_LOG_FLUSH_SECONDS="60",
+        SERVING_PREDICTION_LOG_BATCH_RECORDS="100000",
+        SERVING_PREDICTION_LOG_QUEUE_SIZE="100000",
     )
     ok: list[list[str]] = [[] for _ in range(4)]
     stop = threading.Event()
@@ -376,6 +384,42 @@ def test_sigterm_under_load_loses_nothing(
     # The shutdown flush had records to write: the test exercised it, not only the periodic flush.
     flushed = [r for r in records if r.get("msg") == "prediction log flushed at shutdown"]
     assert flushed and int(str(flushed[0]["records"])) > 0, flushed
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_flush_interval(log_url: str) -> None:
+    """The writer wakes for a full batch (SERVING_PREDICTION_LOG_BATCH_RECORDS) long before its
+    minute-long interval, and leaves a partial batch queued until then."""
+    from serving.dataplane import PredictionEvent
+    from serving.prediction_log import PredictionLog
+
+    def event(request_id: str, count: int) -> PredictionEvent:
+        images = np.random.default_rng(0).random((count, 28, 28), dtype=np.float32)
+        probabilities = np.full((count, 10), 0.1, dtype=np.float32)
+        return PredictionEvent(request_id, "predict_batch", "1", images, probabilities)
+
+    async def scenario() -> tuple[int, int]:
+        writer = PredictionLog(log_url, "mnist-cnn", flush_seconds=60, batch_records=4)
+        writer.start()
+        try:
+            writer.record(event("partial", 3))
+            await asyncio.sleep(1.0)
+            queued_below_a_batch = writer.queued
+            writer.record(event("fills-it", 2))
+            for _ in range(200):  # 10 s at most
+                if not writer.queued:
+                    break
+                await asyncio.sleep(0.05)
+            return queued_below_a_batch, writer.queued
+        finally:
+            await writer.stop()
+
+    queued_below_a_batch, queued_after = asyncio.run(scenario())
+    assert queued_below_a_batch == 3
+    assert queued_after == 0
+    store = PredictionStore(log_url)
+    logged = set(store.window(datetime.now(UTC) - timedelta(hours=1)).request_ids)
+    store.close()
+    assert logged == {"partial-0", "partial-1", "partial-2", "fills-it-0", "fills-it-1"}
 
 
 # --- a full queue drops, never blocks --------------------------------------------------------------------
