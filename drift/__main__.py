@@ -30,7 +30,14 @@ from drift.detect import (
 from drift.features import FeatureError
 from drift.reference import REFERENCE_SAMPLES, ModelResolutionError
 from drift.report import ReportLogger
-from drift.service import DEFAULT_CACHE_DIR, Detector, DriftService, ReportError, Settings
+from drift.service import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_EXCLUDED_SOURCES,
+    Detector,
+    DriftService,
+    ReportError,
+    Settings,
+)
 
 log = logging.getLogger("drift")
 
@@ -39,7 +46,7 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"DRIFT_{name}", default)
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m drift",
         description="Input drift of the logged predictions against the training reference.",
@@ -110,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         help="log a window's report at most this often unless the decision changed "
         "(default: --window-seconds)",
     )
+    parser.add_argument(
+        "--exclude-sources",
+        default=_env("EXCLUDE_SOURCES", ",".join(DEFAULT_EXCLUDED_SOURCES)),
+        help="comma-separated endpoints whose logged predictions windows leave out (default: the "
+        "page's live previews, ws_predict; empty: none)",
+    )
     parser.add_argument("--port", type=int, default=int(_env("PORT", "9105") or 0))
     parser.add_argument("--host", default=_env("HOST", "0.0.0.0"))
     parser.add_argument(
@@ -131,31 +144,37 @@ def _images(path: Path) -> npt.NDArray[np.generic]:
         raise ValueError(f"{path} has no array named `images` (or `x_test`): {archive.files}")
 
 
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The job's settings from its parsed command line (raises ValueError on a bad combination)."""
+    return Settings(
+        model=args.model,
+        prediction_log_url=args.prediction_log_url,
+        tracking_uri=args.tracking_uri,
+        window_seconds=args.window_seconds,
+        interval_seconds=args.interval_seconds,
+        window_samples=args.window_samples,
+        min_samples=args.min_samples,
+        alpha=args.alpha,
+        components=args.components,
+        reference_samples=args.reference_samples,
+        data_path=args.data,
+        cache_dir=args.cache_dir,
+        experiment=args.experiment,
+        log_reports=not args.no_report,
+        report_interval_seconds=args.report_interval_seconds,
+        exclude_sources=tuple(name.strip() for name in args.exclude_sources.split(",") if name.strip()),
+        host=args.host,
+        port=args.port,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=str(args.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        settings = Settings(
-            model=args.model,
-            prediction_log_url=args.prediction_log_url,
-            tracking_uri=args.tracking_uri,
-            window_seconds=args.window_seconds,
-            interval_seconds=args.interval_seconds,
-            window_samples=args.window_samples,
-            min_samples=args.min_samples,
-            alpha=args.alpha,
-            components=args.components,
-            reference_samples=args.reference_samples,
-            data_path=args.data,
-            cache_dir=args.cache_dir,
-            experiment=args.experiment,
-            log_reports=not args.no_report,
-            report_interval_seconds=args.report_interval_seconds,
-            host=args.host,
-            port=args.port,
-        )
+        settings = settings_from(args)
         settings.config  # noqa: B018 - validates alpha and min samples before anything starts
     except (ValueError, DriftConfigError) as error:
         print(f"drift: {error}", file=sys.stderr)

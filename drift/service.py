@@ -48,6 +48,7 @@ log = logging.getLogger("drift")
 
 # The pod's /tmp is its scratch emptyDir; the model and the reference features are cached there.
 DEFAULT_CACHE_DIR = Path("/tmp/mnist-drift")  # noqa: S108
+DEFAULT_EXCLUDED_SOURCES = ("ws_predict",)
 
 
 class ReportError(RuntimeError):
@@ -71,6 +72,9 @@ class Settings:
     experiment: str = "mnist-drift"
     log_reports: bool = True
     report_interval_seconds: float | None = None  # None: the window length (see drift/report.py)
+    # The page's live previews (`ws_predict`) are half-drawn digits, sent stroke by stroke: in a window
+    # they would look like drift to any test. What a person submits arrives through /predict.
+    exclude_sources: tuple[str, ...] = DEFAULT_EXCLUDED_SOURCES
     host: str = "0.0.0.0"
     port: int = 9105
 
@@ -204,10 +208,17 @@ class Detector:
                 log.exception("logging the window's report to MLflow failed")
         return Evaluation(result, loaded.model, window, run_id, window_start, window_end)
 
+    def logged_window(self, end: datetime) -> Any:
+        """The prediction log's rows the window ending at `end` judges (a `LoggedWindow`)."""
+        start = end - timedelta(seconds=self.settings.window_seconds)
+        return self._prediction_store().window(
+            start, end, limit=self.settings.window_samples, exclude_sources=self.settings.exclude_sources
+        )
+
     def evaluate_window(self, now: datetime | None = None, *, force_report: bool = False) -> Evaluation:
         end = now or datetime.now(UTC)
         start = end - timedelta(seconds=self.settings.window_seconds)
-        logged = self._prediction_store().window(start, end, limit=self.settings.window_samples)
+        logged = self.logged_window(end)
         return self.evaluate_images(
             logged.images, window_start=start, window_end=end, force_report=force_report
         )

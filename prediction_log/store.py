@@ -16,7 +16,7 @@ Times are stored as UTC: `timestamptz` on PostgreSQL, naive UTC on SQLite (which
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -414,9 +414,14 @@ class PredictionStore:
         )
 
     def window(
-        self, since: datetime, until: datetime | None = None, limit: int | None = None
+        self,
+        since: datetime,
+        until: datetime | None = None,
+        limit: int | None = None,
+        exclude_sources: Collection[str] = (),
     ) -> LoggedWindow:
-        """The inputs logged in [since, until), oldest first; with `limit`, only the newest `limit`."""
+        """The inputs logged in [since, until), oldest first; with `limit`, only the newest `limit`;
+        without the rows of `exclude_sources` (endpoint names, as in `source`)."""
         since = _aware(since, "since")
         table = predictions
         query = sa.select(
@@ -429,6 +434,8 @@ class PredictionStore:
         ).where(table.c.created_at >= since)
         if until is not None:
             query = query.where(table.c.created_at < _aware(until, "until"))
+        if exclude_sources:
+            query = query.where(table.c.source.not_in(sorted(exclude_sources)))
         query = query.order_by(table.c.created_at.desc(), table.c.request_id.desc())
         if limit is not None:
             query = query.limit(limit)

@@ -129,6 +129,7 @@ def test_helm_lint_strict(helm: Helm, scenario: str) -> None:
         (["serving.predictionLog.sample=1.5"], "predictionLog/sample"),
         (["operator.alertmanagerWebhook.secretKey="], "alertmanagerWebhook/secretKey"),
         (["drift.enabled=maybe"], "drift/enabled"),
+        (["drift.excludeSources={ws-predict}"], "drift/excludeSources"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm: Helm, set_values: list[str], message: str) -> None:
@@ -333,7 +334,11 @@ def test_drift_job_follows_the_prediction_log(helm: Helm) -> None:
 
     log = ["serving.predictionLog.enabled=true", "serving.predictionLog.existingSecret=log"]
     assert not drift_deployments([])
-    assert len(drift_deployments(log)) == 1
+    (drift,) = drift_deployments(log)
+    # The page's live previews stay out of the windows unless the values say otherwise.
+    assert "--exclude-sources=ws_predict" in drift["spec"]["template"]["spec"]["containers"][0]["args"]
+    (drift,) = drift_deployments([*log, "drift.excludeSources={ws_predict,explain}"])
+    assert "--exclude-sources=ws_predict,explain" in drift["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not drift_deployments([*log, "drift.enabled=false"])
     refused = helm.template(set_values=["drift.enabled=true"], check=False)
     assert refused.returncode != 0 and "serving.predictionLog.existingSecret" in refused.stderr, (

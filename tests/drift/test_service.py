@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from drift import __main__ as drift_main
 from drift.features import EmbeddingModel
 from drift.report import REPORT_FILE
+from drift.service import Detector
 from local_mode.mlflow_server import MlflowServer
 from local_mode.processes import ChildProcess, free_port, http_ok, wait_until
 from prediction_log import PredictionStore, encode_batch
@@ -101,6 +103,41 @@ def test_once_explains_bad_input(tmp_path: Path) -> None:
         capture_output=True, text=True, env=_env(), timeout=120, check=False,
     )  # fmt: skip
     assert completed.returncode == 1 and "neither an ONNX file nor a registry URI" in completed.stderr
+
+
+def test_windows_leave_out_the_pages_live_previews(tmp_path: Path) -> None:
+    """The page streams half-drawn digits over the WebSocket (`ws_predict`) while a person draws: a
+    window of those would alarm on every busy day. By default windows judge the other sources only;
+    `--exclude-sources=` (empty) keeps them all."""
+    url = f"sqlite:///{tmp_path / 'log.db'}"
+    store = PredictionStore(url)
+    store.create_schema()
+    now = datetime.now(UTC)
+    for source, count in (("predict", 3), ("ws_predict", 5), ("v2_infer", 2)):
+        store.insert_many(
+            encode_batch(
+                [f"{source}-{i}" for i in range(count)],
+                created_at=now - timedelta(seconds=30),
+                model_name="mnist-cnn",
+                model_version="1",
+                source=source,
+                images=np.zeros((count, 28, 28), np.float32),
+                probabilities=np.full((count, 10), 0.1, np.float32),
+            )
+        )
+    store.close()
+
+    def sources_judged(*argv: str) -> set[str]:
+        args = drift_main.build_parser().parse_args(["once", f"--prediction-log-url={url}", *argv])
+        detector = Detector(drift_main.settings_from(args))
+        try:
+            return set(detector.logged_window(now).sources)
+        finally:
+            detector.close()
+
+    assert sources_judged() == {"predict", "v2_infer"}
+    assert sources_judged("--exclude-sources=") == {"predict", "ws_predict", "v2_infer"}
+    assert sources_judged("--exclude-sources=ws_predict,v2_infer") == {"predict"}
 
 
 # --- the loop, scraped by Prometheus, alerting through Alertmanager ---------------------------------
