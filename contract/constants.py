@@ -25,8 +25,10 @@ EXIT_BAD_COMMAND: Final = 2
 EXIT_TRACKING_UNAVAILABLE: Final = 3
 EXIT_BAD_DATA: Final = 4
 EXIT_EXPORT_MISMATCH: Final = 5
+EXIT_FEEDBACK_UNAVAILABLE: Final = 6  # the prediction log (includeFeedback) cannot be reached
 # The Job's podFailurePolicy fails the Job at once on these instead of burning its backoffLimit:
-# retrying cannot fix a bad command, bad data or an export mismatch. MLflow being down (3) is retried.
+# retrying cannot fix a bad command, bad data or an export mismatch. MLflow (3) or the prediction
+# log (6) being down is retried.
 NON_RETRYABLE_EXIT_CODES: Final = (EXIT_BAD_COMMAND, EXIT_BAD_DATA, EXIT_EXPORT_MISMATCH)
 
 # Multi-worker training (spec.workers > 1): an Indexed Job of N pods behind a headless Service.

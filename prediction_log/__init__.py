@@ -23,6 +23,7 @@ from prediction_log.store import (
     encode_batch,
     encode_images,
     encode_rows,
+    is_unavailable,
     predictions,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "encode_batch",
     "encode_images",
     "encode_rows",
+    "is_unavailable",
     "predictions",
 ]

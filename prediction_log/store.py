@@ -227,6 +227,17 @@ def encode_batch(
     )
 
 
+def is_unavailable(error: BaseException) -> bool:
+    """Whether the same query may succeed later: the database is unreachable, restarting or locked,
+    not refusing the query for what it is. SQLite reports a missing table as an OperationalError too:
+    that file is not a prediction log, and waiting will not make it one."""
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if isinstance(error, sa.exc.OperationalError) and "no such table" in str(error.orig):
+        return False
+    return isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError | OSError)
+
+
 def decode_images(blobs: Sequence[bytes]) -> UInt8Array:
     if not blobs:
         return np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)

@@ -41,7 +41,7 @@ import anyio
 import numpy as np
 import sqlalchemy as sa
 
-from prediction_log import FeedbackResult, PredictionRow, PredictionStore, encode_rows
+from prediction_log import FeedbackResult, PredictionRow, PredictionStore, encode_rows, is_unavailable
 from serving import metrics
 from serving.dataplane import PredictionEvent
 from serving.model import Float32Array
@@ -88,13 +88,6 @@ class _Entry:
             return request_id == self.request_id
         base, _, index = request_id.rpartition("-")
         return base == self.request_id and index.isdigit() and int(index) < len(self.images)
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Whether retrying the same write may succeed: the database is unreachable, restarting, locked."""
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError | OSError)
 
 
 class PredictionLog:
@@ -295,7 +288,7 @@ class PredictionLog:
             self.store.insert_many(self._rows(batch))
             return sum(len(entry.images) for entry in batch), 0
         except Exception as exc:
-            if _is_transient(exc):
+            if is_unavailable(exc):
                 # The table may be what went away (a recreated database): check it again next time.
                 self._schema_ready = False
                 raise
@@ -310,7 +303,7 @@ class PredictionLog:
                 self.store.insert_many(self._rows([entry]))
                 written += n
             except Exception as exc:
-                if _is_transient(exc):
+                if is_unavailable(exc):
                     raise
                 failed += n
                 log.error("the prediction log refused request %s: %s", entry.request_id, exc)

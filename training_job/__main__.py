@@ -11,6 +11,7 @@ from contract.constants import (
     EXIT_BAD_COMMAND,
     EXIT_BAD_DATA,
     EXIT_EXPORT_MISMATCH,
+    EXIT_FEEDBACK_UNAVAILABLE,
     EXIT_TRACKING_UNAVAILABLE,
 )
 from contract.result import write_termination_message
@@ -36,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_COMMAND
     from training_job.data import DataError
     from training_job.export import ExportMismatchError
+    from training_job.feedback import FeedbackUnavailableError
     from training_job.train import TrackingUnavailableError, train
 
     tracking_uri = command.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -57,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_TRACKING_UNAVAILABLE
+    except FeedbackUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FEEDBACK_UNAVAILABLE
     except DataError as error:
         print(f"error: bad training data: {error}", file=sys.stderr)
         return EXIT_BAD_DATA

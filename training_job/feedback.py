@@ -29,16 +29,25 @@ def display_url(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
+class FeedbackUnavailableError(RuntimeError):
+    """The prediction log cannot be reached now; a later attempt (the Job's next pod) may succeed."""
+
+
 def load_feedback(url: str) -> Feedback:
-    """Every labelled example of the prediction log at `url`; DataError when it cannot be read (a
-    run that was asked to learn from feedback must not silently train without it)."""
-    from prediction_log.store import PredictionStore
+    """Every labelled example of the prediction log at `url`. A run that was asked to learn from
+    feedback must not silently train without it: FeedbackUnavailableError when the database is
+    unreachable (retried), DataError when it answers but is not a prediction log (not retried)."""
+    from prediction_log import PredictionStore, is_unavailable
 
     store = PredictionStore(url)
     try:
         labelled = store.labelled()
-    except Exception as error:  # any driver error: the log is unreachable or not a prediction log
-        raise DataError(f"cannot read the feedback from {display_url(url)}: {error}") from error
+    except Exception as error:  # any driver error, sorted into "later" and "never"
+        where = display_url(url)
+        if is_unavailable(error):
+            message = f"the prediction log at {where} is unreachable: {error}"
+            raise FeedbackUnavailableError(message) from error
+        raise DataError(f"cannot read the feedback from {where}: {error}") from error
     finally:
         store.close()
     log.info("feedback: %d labelled examples from %s", len(labelled.request_ids), display_url(url))

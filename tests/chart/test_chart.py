@@ -338,7 +338,8 @@ def test_drift_job_follows_the_prediction_log(helm: Helm) -> None:
     # The page's live previews stay out of the windows unless the values say otherwise.
     assert "--exclude-sources=ws_predict" in drift["spec"]["template"]["spec"]["containers"][0]["args"]
     (drift,) = drift_deployments([*log, "drift.excludeSources={ws_predict,explain}"])
-    assert "--exclude-sources=ws_predict,explain" in drift["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = drift["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--exclude-sources=ws_predict,explain" in args
     assert not drift_deployments([*log, "drift.enabled=false"])
     refused = helm.template(set_values=["drift.enabled=true"], check=False)
     assert refused.returncode != 0 and "serving.predictionLog.existingSecret" in refused.stderr, (

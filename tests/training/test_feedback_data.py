@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import datetime
 import json
+import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from contract.constants import EXIT_FEEDBACK_UNAVAILABLE, NON_RETRYABLE_EXIT_CODES
 from contract.result import TrainingResult
 from contract.retraining import FEEDBACK_DB_URL_ENV
 from local_mode.mlflow_server import MlflowServer
+from local_mode.processes import free_port
 from prediction_log.store import PredictionStore, encode_batch
 from testing.training import run_training
 from training_job.data import DataError, Feedback, load_dataset
+from training_job.feedback import FeedbackUnavailableError, load_feedback
 
 FEEDBACK = 37
 # The entrypoint test is about what the run records, not what it learns: as few MNIST examples as keep
@@ -161,3 +165,32 @@ def test_the_entrypoint_trains_on_the_feedback_and_logs_it(
     composition = json.loads(local.read_text())
     assert composition["feedback"] == FEEDBACK and composition["mnist_train"] == MNIST_TRAIN
     assert composition["train_digest"] == expected.train_digest
+
+
+def test_an_unreachable_prediction_log_is_retried_and_a_foreign_database_is_bad_data(
+    mlflow_server: MlflowServer, mnist_path: Path, tmp_path: Path
+) -> None:
+    """A database that does not answer may answer the Job's next pod (exit 6, not in the
+    podFailurePolicy's list); one that answers without a prediction log never will (exit 4)."""
+    unreachable = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/predictions"
+    with pytest.raises(FeedbackUnavailableError, match="unreachable"):
+        load_feedback(unreachable)
+    foreign = tmp_path / "foreign.db"
+    sqlite3.connect(foreign).close()  # a database, but not a prediction log
+    with pytest.raises(DataError, match="cannot read the feedback"):
+        load_feedback(f"sqlite:///{foreign}")
+
+    assert EXIT_FEEDBACK_UNAVAILABLE not in NON_RETRYABLE_EXIT_CODES
+    completed = run_training(
+        mlflow_server.url,
+        "--architecture=baseline",
+        "--epochs=1",
+        f"--max-train-samples={MNIST_TRAIN}",
+        "--registered-model=feedback-model",
+        "--run-name=log-down",
+        f"--data={mnist_path}",
+        env={FEEDBACK_DB_URL_ENV: unreachable},
+        timeout=300,
+    )
+    assert completed.returncode == EXIT_FEEDBACK_UNAVAILABLE, completed.stderr[-4000:]
+    assert "unreachable" in completed.stderr and "postgres@127.0.0.1" in completed.stderr
