@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -436,7 +437,12 @@ def test_the_cpu_hpa_scales_serving_up_under_load_and_back_down(
     url = platform.service_url("serving")
     started = time.monotonic()
     result: dict[str, dict[str, float]] = {}
-    load = threading.Thread(target=lambda: result.update(load=_wrk(url, 120, body, connections=8)))
+    # The load lasts until the HPA has added a pod (at most 120 s): what follows only waits for the
+    # scale-down, and load past the scale-up would only delay it.
+    stop_load = threading.Event()
+    load = threading.Thread(
+        target=lambda: result.update(load=_wrk(url, 120, body, connections=8, stop=stop_load))
+    )
     load.start()
 
     def scaled_up() -> int:
@@ -447,6 +453,8 @@ def test_the_cpu_hpa_scales_serving_up_under_load_and_back_down(
         peak = wait_until(scaled_up, 110, "the HPA to add a serving pod under load", interval=3)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\nHPA status: {hpa_status()}") from exc
+    finally:
+        stop_load.set()
     up_seconds = time.monotonic() - started
     load.join(timeout=200)
     assert result["load"]["requests"] > 1000, result
@@ -477,8 +485,11 @@ def test_helm_test_passes(platform: Platform, trained: dict[str, dict[str, Any]]
     assert "Phase:          Succeeded" in result.stdout, result.stdout
 
 
-def _wrk(url: str, seconds: int, body: Path, connections: int = 4) -> dict[str, float]:
-    """wrk with one thread and `connections` connections POSTing the sample digit; counts what failed."""
+def _wrk(
+    url: str, seconds: int, body: Path, connections: int = 4, stop: threading.Event | None = None
+) -> dict[str, float]:
+    """wrk with one thread and `connections` connections POSTing the sample digit for `seconds`, or
+    until `stop` is set; counts what failed."""
     script = body.parent / "post.lua"
     # Read from the file: the digit's nested JSON arrays end in "]]", which would close a Lua
     # long string literal early.
@@ -490,11 +501,21 @@ def _wrk(url: str, seconds: int, body: Path, connections: int = 4) -> dict[str, 
     )
     wrk = shutil.which("wrk")
     assert wrk, "wrk is missing (scripts/install-system-deps.sh)"
-    out = subprocess.run(
+    process = subprocess.Popen(
         [wrk, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", str(script),
          f"{url}/predict"],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
-    ).stdout  # fmt: skip
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if stop is not None and stop.wait(seconds) and process.poll() is None:
+        # SIGINT ends wrk early, and it prints the same summary as at the end of -d.
+        process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    assert process.returncode == 0, f"wrk exited with {process.returncode}: {err}"
     requests = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
