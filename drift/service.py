@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,9 @@ from drift.features import EmbeddingModel, Features
 from drift.metrics import DriftMetrics
 from drift.reference import REFERENCE_SAMPLES, ResolvedModel, reference_features, resolve_model
 from drift.report import ReportLogger
+
+if TYPE_CHECKING:  # imported when a window is read: `once --images` never needs SQLAlchemy
+    from prediction_log import LoggedWindow, PredictionStore
 
 log = logging.getLogger("drift")
 
@@ -126,7 +129,7 @@ class Detector:
         self.settings = settings
         self.reports = reports
         self._loaded: _Loaded | None = None
-        self._store: Any = None
+        self._store: PredictionStore | None = None
 
     def load(self) -> _Loaded:
         settings = self.settings
@@ -165,7 +168,7 @@ class Detector:
     def loaded(self) -> bool:
         return self._loaded is not None
 
-    def _prediction_store(self) -> Any:
+    def _prediction_store(self) -> PredictionStore:
         if self._store is None:
             if not self.settings.prediction_log_url:
                 raise ValueError(
@@ -208,8 +211,8 @@ class Detector:
                 log.exception("logging the window's report to MLflow failed")
         return Evaluation(result, loaded.model, window, run_id, window_start, window_end)
 
-    def logged_window(self, end: datetime) -> Any:
-        """The prediction log's rows the window ending at `end` judges (a `LoggedWindow`)."""
+    def logged_window(self, end: datetime) -> LoggedWindow:
+        """The prediction log's rows the window ending at `end` judges."""
         start = end - timedelta(seconds=self.settings.window_seconds)
         return self._prediction_store().window(
             start, end, limit=self.settings.window_samples, exclude_sources=self.settings.exclude_sources
