@@ -187,7 +187,19 @@ class Detector:
         window_end: datetime | None = None,
         force_report: bool = False,
     ) -> Evaluation:
-        loaded = self.load()
+        return self._evaluate(
+            self.load(), images, window_start=window_start, window_end=window_end, force_report=force_report
+        )
+
+    def _evaluate(
+        self,
+        loaded: _Loaded,
+        images: npt.NDArray[Any],
+        *,
+        window_start: datetime | None,
+        window_end: datetime | None,
+        force_report: bool,
+    ) -> Evaluation:
         images = np.asarray(images)[-self.settings.window_samples :]
         window = loaded.embedder.features(images)
         result = evaluate(loaded.reference, window, self.settings.config)
@@ -219,11 +231,14 @@ class Detector:
         )
 
     def evaluate_window(self, now: datetime | None = None, *, force_report: bool = False) -> Evaluation:
+        # The reference first: readiness means "the reference is built", whether or not the prediction
+        # log answers yet.
+        loaded = self.load()
         end = now or datetime.now(UTC)
         start = end - timedelta(seconds=self.settings.window_seconds)
         logged = self.logged_window(end)
-        return self.evaluate_images(
-            logged.images, window_start=start, window_end=end, force_report=force_report
+        return self._evaluate(
+            loaded, logged.images, window_start=start, window_end=end, force_report=force_report
         )
 
     def close(self) -> None:

@@ -450,8 +450,13 @@ class PredictionStore:
         query = query.order_by(table.c.created_at.desc(), table.c.request_id.desc())
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
-            rows = list(reversed(conn.execute(query).all()))
+        try:
+            with self.engine.connect() as conn:
+                rows = list(reversed(conn.execute(query).all()))
+        except sa.exc.DatabaseError:
+            if not self._nothing_logged_yet():
+                raise
+            rows = []
         return LoggedWindow(
             images=decode_images([row.image for row in rows]),
             probabilities=decode_probabilities([row.probabilities for row in rows]),
@@ -480,8 +485,24 @@ class PredictionStore:
         query = sa.select(sa.func.count()).select_from(table).where(table.c.label.is_not(None))
         if since is not None:
             query = query.where(table.c.labelled_at >= _aware(since, "since"))
-        with self.engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(query).scalar_one())
+        except sa.exc.DatabaseError:
+            if not self._nothing_logged_yet():
+                raise
+            return 0
+
+    def _nothing_logged_yet(self) -> bool:
+        """Whether a failed read failed because the table does not exist yet. Serving creates it with
+        its first write; the readers that watch the log (the drift job, the operator's feedback
+        trigger) start beside it, maybe with credentials that may not create it, and must read a new
+        log as an empty one rather than fail until the first prediction. Training does not ask: it
+        reads the log because a run asked for its feedback (training_job/feedback.py)."""
+        try:
+            return not sa.inspect(self.engine).has_table(predictions.name)
+        except sa.exc.SQLAlchemyError:
+            return False  # the database itself is away: the caller's error says so
 
     def count(self) -> int:
         with self.engine.connect() as conn:

@@ -28,8 +28,9 @@ from mlflow import MlflowClient
 
 from drift import __main__ as drift_main
 from drift.features import EmbeddingModel
+from drift.reference import ResolvedModel
 from drift.report import REPORT_FILE
-from drift.service import Detector
+from drift.service import Detector, DriftService
 from local_mode.mlflow_server import MlflowServer
 from local_mode.processes import ChildProcess, free_port, http_ok, wait_until
 from prediction_log import PredictionStore, encode_batch
@@ -138,6 +139,45 @@ def test_windows_leave_out_the_pages_live_previews(tmp_path: Path) -> None:
     assert sources_judged() == {"predict", "v2_infer"}
     assert sources_judged("--exclude-sources=") == {"predict", "ws_predict", "v2_infer"}
     assert sources_judged("--exclude-sources=ws_predict,v2_infer") == {"predict"}
+
+
+def test_a_log_serving_has_not_written_yet_is_an_empty_window(
+    resolved_model: ResolvedModel, mnist_path: Path, drift_cache: Path, tmp_path: Path
+) -> None:
+    """The drift job starts beside serving, before serving's first write creates the log's table (the
+    real node showed it: the pod stayed unready until the first prediction). The reference is still
+    built, the service is ready, and the window is merely too small to decide; a database that does not
+    answer stays an error."""
+
+    def service(url: str) -> DriftService:
+        args = drift_main.build_parser().parse_args(
+            [
+                f"--prediction-log-url={url}", f"--model={resolved_model.path}", f"--data={mnist_path}",
+                f"--cache-dir={drift_cache}", "--no-report", "--host=127.0.0.1", "--port=0",
+            ]
+        )  # fmt: skip
+        return DriftService(drift_main.settings_from(args))
+
+    empty = service(f"sqlite:///{tmp_path / 'new.db'}")
+    try:
+        evaluation = empty.evaluate_once()
+        assert evaluation is not None and not evaluation.result.decided
+        assert evaluation.result.samples == 0
+        assert empty.ready.is_set()
+    finally:
+        empty.detector.close()
+        empty.server.server_close()
+
+    port = free_port()
+    away = service(f"postgresql+psycopg2://postgres@127.0.0.1:{port}/predictions")
+    try:
+        assert away.evaluate_once() is None  # logged and counted as an error
+        assert away.ready.is_set()  # the reference was built before the log was read
+        errors = away.metrics.registry.get_sample_value("mnist_drift_evaluations_total", {"outcome": "error"})
+        assert errors == 1
+    finally:
+        away.detector.close()
+        away.server.server_close()
 
 
 # --- the loop, scraped by Prometheus, alerting through Alertmanager ---------------------------------

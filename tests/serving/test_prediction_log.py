@@ -174,6 +174,35 @@ def test_store_contract(log_url: str) -> None:
     store.close()
 
 
+def test_a_new_log_reads_as_empty_until_serving_creates_its_table(log_url: str) -> None:
+    """The readers that watch the log (the drift job, the operator's feedback trigger) start beside
+    serving, before its first write creates the table: they read no rows rather than fail. A database
+    that does not answer still raises."""
+    store = PredictionStore(log_url)
+    try:
+        since = datetime.now(UTC) - timedelta(minutes=5)
+        assert len(store.window(since)) == 0
+        assert store.count_labelled() == 0
+        store.create_schema()
+        store.insert_many(
+            encode_batch(
+                ["first"], created_at=datetime.now(UTC), model_name="m", model_version="1", source="predict",
+                images=np.zeros((1, 28, 28), np.float32), probabilities=np.full((1, 10), 0.1, np.float32),
+            )
+        )  # fmt: skip
+        assert store.window(since).request_ids == ["first"]
+    finally:
+        store.close()
+    away = PredictionStore(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/predictions")
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            away.window(datetime.now(UTC) - timedelta(minutes=5))
+        with pytest.raises(sa.exc.OperationalError):
+            away.count_labelled()
+    finally:
+        away.close()
+
+
 def test_the_feedback_route_and_the_store_agree_on_the_id_length() -> None:
     column = predictions.c.request_id.type
     assert isinstance(column, sa.String)
