@@ -1,5 +1,7 @@
 """A real PostgreSQL server for the tests: Debian's postgresql-15 binaries, a throw-away cluster made by
 `initdb` in a temporary directory, `postgres` on a free loopback port (TCP only, trust authentication).
+`start(listen_host=..., client_networks=[...])` serves another address instead, e.g. the real node's
+bridge, where pods connect from their own network (trusted too: it exists only while the test runs).
 
 PostgreSQL refuses to run as root, and tests here often do: the server and initdb then run as the
 `postgres` system user the Debian package creates (through `setpriv`), in a directory it owns.
@@ -15,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +40,17 @@ class PostgresServer:
     child: ChildProcess
     port: int
     root: Path  # the cluster's directory (data and nothing else), removed by stop()
+    host: str = LOOPBACK
 
     @classmethod
-    def start(cls, workdir: Path, timeout: float = START_TIMEOUT_SECONDS) -> PostgresServer:
+    def start(
+        cls,
+        workdir: Path,
+        timeout: float = START_TIMEOUT_SECONDS,
+        *,
+        listen_host: str = LOOPBACK,
+        client_networks: Sequence[str] = (),
+    ) -> PostgresServer:
         initdb, postgres = PG_BIN / "initdb", PG_BIN / "postgres"
         if not initdb.exists() or not postgres.exists():
             raise FileNotFoundError(
@@ -72,9 +83,14 @@ class PostgresServer:
             raise RuntimeError(
                 f"initdb failed ({completed.returncode}):\n{completed.stdout}{completed.stderr}"
             )
-        port = free_port()
+        if client_networks:
+            # initdb's --auth=trust only lets loopback in; pods connect from their own addresses.
+            with (data / "pg_hba.conf").open("a") as hba:
+                for network in client_networks:
+                    hba.write(f"host all all {network} trust\n")
+        port = free_port(listen_host)
         settings = {
-            "listen_addresses": LOOPBACK,
+            "listen_addresses": listen_host,
             "unix_socket_directories": "",
             "fsync": "off",
             "synchronous_commit": "off",
@@ -87,7 +103,7 @@ class PostgresServer:
         child = ChildProcess.spawn(
             "postgres", command, workdir / f"postgres-{port}.log", die_with_parent=True
         )
-        server = cls(child, port, root)
+        server = cls(child, port, root, listen_host)
         try:
             child.wait_ready(server.accepting, timeout, "PostgreSQL to accept connections", 0.2)
         except BaseException:
@@ -97,7 +113,7 @@ class PostgresServer:
 
     def accepting(self) -> bool:
         completed = subprocess.run(
-            [str(PG_BIN / "pg_isready"), "-h", LOOPBACK, "-p", str(self.port), "-U", SUPERUSER, "-t", "2"],
+            [str(PG_BIN / "pg_isready"), "-h", self.host, "-p", str(self.port), "-U", SUPERUSER, "-t", "2"],
             capture_output=True,
             check=False,
         )
@@ -105,14 +121,14 @@ class PostgresServer:
 
     def url(self, database: str = "postgres") -> str:
         """The SQLAlchemy URL of `database` (psycopg2 driver)."""
-        return f"postgresql+psycopg2://{SUPERUSER}@{LOOPBACK}:{self.port}/{database}"
+        return f"postgresql+psycopg2://{SUPERUSER}@{self.host}:{self.port}/{database}"
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         completed = subprocess.run(
             [
                 str(PG_BIN / "psql"),
                 "-h",
-                LOOPBACK,
+                self.host,
                 "-p",
                 str(self.port),
                 "-U",

@@ -9,6 +9,7 @@ share one installation: each step builds on the state the previous one left.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -25,10 +26,13 @@ import httpx
 import pytest
 import yaml
 
+from contract.retraining import POLICY_LABEL, TRIGGER_ANNOTATION
 from local_mode.processes import wait_until
+from testing.alertmanager import Alertmanager, webhook_receiver
 from testing.kubectl import kubectl, kubectl_watch
 from testing.node import NodeCluster
 from testing.peers import peer_python
+from testing.postgres import PostgresServer
 from testing.prometheus import Prometheus, scrape_job
 from testing.upstream import prometheus_operator_crds
 
@@ -103,6 +107,20 @@ class Platform:
             headers={"Host": f"{RELEASE}-mlflow.{NAMESPACE}.svc:{port}"},
             timeout=10,
         )
+
+    def mlflow_rolled_out(self, timeout: int = 300) -> None:
+        """The MLflow Deployment rolled out and answering through its Service. A ready pod is not yet a
+        reachable one: until kube-proxy has synced the new endpoint, the Service has none and refuses
+        connections (a clean run failed on exactly that, right after `helm upgrade`)."""
+        self.rollout_status(f"{RELEASE}-mlflow", timeout=timeout)
+
+        def answers() -> bool:
+            try:
+                return self.mlflow_get("/health", {}).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(answers, 60, "MLflow to answer through its Service", 0.5)
 
     def champion_version(self) -> str:
         response = self.mlflow_get(
@@ -220,7 +238,7 @@ def _ready(pod: dict[str, Any]) -> bool:
 
 def test_platform_pods_run_restricted_on_the_real_kubelet(platform: Platform) -> None:
     try:
-        platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+        platform.mlflow_rolled_out()
         platform.rollout_status(f"{RELEASE}-operator", timeout=180)
     except Exception as exc:
         raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
@@ -643,7 +661,7 @@ def test_fault_mlflow_pod_killed_while_a_job_trains(
     else:
         assert status["phase"] in {"Promoted", "RolledBack"}, status
         assert _model_version_exists(platform, status["modelVersion"]), status
-    platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+    platform.mlflow_rolled_out()
 
 
 FREEZE_POLICY = "e2e-hold-serving-template"
@@ -884,6 +902,221 @@ def test_an_alias_moved_outside_the_operator_reaches_the_pods(
     assert wait_until(lambda: confirmed() == earlier, 60, "the pods' version confirmed", 1)
 
 
+LOOP_POLICY = "drift-retrain"
+DRIFT_ALERT = "MnistInputDrift"
+PREDICTION_LOG_SECRET = "prediction-log"
+LOOP_QUIET, LOOP_DRIFTED, LOOP_LABELLED = 400, 400, 100
+# The drift job's window, cut to what a test sends in seconds: 300 inputs (the chart's default is
+# 500) of the last 5 minutes, evaluated every 3 s; the alert's `for` cut from 5 minutes to 10 s.
+LOOP_VALUES = {
+    "drift.intervalSeconds": "3",
+    "drift.windowSeconds": "300",
+    "drift.windowSamples": "300",
+    "monitoring.prometheusRule.thresholds.driftFor": "10s",
+}
+
+
+@dataclass
+class PredictionLogDatabase:
+    server: PostgresServer
+    url: str
+
+    def count(self, *, labelled: bool = False) -> int:
+        # Serving creates the table with its first write: until then, nothing is logged.
+        if self.server.psql("SELECT to_regclass('predictions') IS NULL", "predictions").strip() == "t":
+            return 0
+        query = "SELECT count(label) FROM predictions" if labelled else "SELECT count(*) FROM predictions"
+        return int(self.server.psql(query, "predictions"))
+
+
+@pytest.fixture(scope="module")
+def prediction_log_database(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PredictionLogDatabase]:
+    """A real PostgreSQL on the node's bridge address, where pods reach it (as they reach a database
+    outside the cluster): the prediction log of serving, the drift job and the training Jobs. It
+    outlives the test that turns the log on, as a database outlives the pods writing to it."""
+    from testing.node import NODE_IP, POD_SUBNET
+
+    server = PostgresServer.start(
+        tmp_path_factory.mktemp("postgres"), listen_host=NODE_IP, client_networks=[POD_SUBNET]
+    )
+    try:
+        yield PredictionLogDatabase(server, server.create_database("predictions"))
+    finally:
+        server.stop()
+
+
+def _prometheus_value(prometheus: Prometheus, expr: str) -> float | None:
+    result = prometheus.query(expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_the_loop_closes_on_the_real_node(
+    platform: Platform,
+    trained: dict[str, dict[str, Any]],
+    prediction_log_database: PredictionLogDatabase,
+    tmp_path: Path,
+) -> None:
+    """serve → log → detect → label → retrain → gate, on real pods: the serving pods log every
+    prediction to PostgreSQL, the chart's drift Deployment tests windows of the log, a real Prometheus
+    evaluates the chart's own MnistInputDrift rule (as installed) and a real Alertmanager delivers it
+    to the operator's webhook with the chart's bearer token; the RetrainingPolicy's TrainingRun trains
+    in a Job pod on the labels sent to POST /feedback, and the usual gate decides."""
+    import numpy as np
+
+    from local_mode.loop import drift_images, send_feedback, send_traffic
+
+    log_url = prediction_log_database.url
+    platform.kubectl("create", "secret", "generic", PREDICTION_LOG_SECRET, f"--from-literal=url={log_url}")
+    settings = {
+        "serving.predictionLog.enabled": "true",
+        "serving.predictionLog.existingSecret": PREDICTION_LOG_SECRET,
+        "operator.alertmanagerWebhook.enabled": "true",
+        **LOOP_VALUES,
+    }
+    overrides = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+    platform.helm("upgrade", RELEASE, str(CHART), "--reuse-values", *overrides)
+    try:
+        for component in ("operator", "serving", "drift"):
+            platform.rollout_status(f"{RELEASE}-{component}", timeout=420)
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n{platform.diagnostics()}") from exc
+
+    secret = platform.get("secret", f"{RELEASE}-alertmanager-webhook")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    alertmanager = Alertmanager(
+        [webhook_receiver("operator", f"{platform.service_url('operator')}/webhooks/alertmanager", token)],
+        tmp_path / "alertmanager",
+    )
+    (rule,) = platform.get("prometheusrules")["items"]
+    groups = [group for group in rule["spec"]["groups"] if group["name"] == "mnist-drift"]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": groups}))
+    kubeconfig = platform.cluster.kubeconfig_path
+    jobs = [
+        scrape_job(platform.get("servicemonitor", f"{RELEASE}-{component}"), kubeconfig, interval="1s")
+        for component in ("serving", "drift")
+    ]
+    prometheus = Prometheus(
+        jobs, tmp_path / "prometheus", binary=platform.cluster.plane.bin_dir / "prometheus",
+        scrape_interval="1s", rule_files=[rules], alertmanagers=[alertmanager.address],
+    )  # fmt: skip
+    drift_job = f'job="{RELEASE}-drift", namespace="{NAMESPACE}"'
+    policy = {
+        "apiVersion": "mnist-mlops.io/v1alpha1",
+        "kind": "RetrainingPolicy",
+        "metadata": {"name": LOOP_POLICY},
+        "spec": {
+            "triggers": {"alert": {"names": [DRIFT_ALERT]}},
+            "trainingRunTemplate": {
+                "architecture": "baseline",
+                "hyperparameters": {"epochs": EPOCHS},
+                "maxTrainSamples": MAX_TRAIN_SAMPLES,
+                "registeredModel": MODEL,
+                "includeFeedback": True,
+                "promotion": {"metric": "test_accuracy", "minimum": PROMOTION_MINIMUM},
+            },
+        },
+    }
+    url = platform.service_url("serving")
+
+    def every_pod_answers() -> bool:
+        # Rolled out is not yet reachable: kube-proxy may still route to a pod that has stopped.
+        try:
+            return all(httpx.get(f"{url}/health/ready", timeout=5).status_code == 200 for _ in range(10))
+        except httpx.TransportError:
+            return False
+
+    wait_until(every_pod_answers, 60, "the rolled serving pods to answer through the Service", 0.5)
+    with np.load(REPO_ROOT / "data" / "mnist.npz") as data:
+        x_test, y_test = data["x_test"], data["y_test"].astype(np.int64)
+    # Drawn from the whole test set: its two halves come from different writers, and a window from
+    # one half alone is a real shift (README, drift detection).
+    rng = np.random.default_rng(11)
+    order = rng.permutation(len(x_test))
+    quiet, drifted = order[:LOOP_QUIET], order[LOOP_QUIET : LOOP_QUIET + LOOP_DRIFTED]
+    try:
+        platform.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(policy))
+
+        send_traffic(url, x_test[quiet], "e2e-quiet")
+        wait_until(
+            lambda: prediction_log_database.count() == LOOP_QUIET, 30, "the quiet traffic in the log", 0.5
+        )
+        wait_until(
+            lambda: (_prometheus_value(prometheus, f"mnist_drift_window_samples{{{drift_job}}}") or 0) >= 300,
+            180, "the drift job to evaluate a full window of the quiet traffic", 1,
+        )  # fmt: skip
+        quiet_p = _prometheus_value(prometheus, f'mnist_drift_p_value{{{drift_job}, test="combined"}}')
+        assert _prometheus_value(prometheus, f"mnist_drift_detected{{{drift_job}}}") == 0, quiet_p
+        assert not platform.get("trainingruns", "-l", f"{POLICY_LABEL}={LOOP_POLICY}")["items"]
+
+        images = drift_images(x_test[drifted], 30.0, rng)
+        drift_started = time.monotonic()
+        answers = send_traffic(url, images, "e2e-drift")
+        wait_until(
+            lambda: prediction_log_database.count() == LOOP_QUIET + LOOP_DRIFTED, 30,
+            "the drifted traffic in the log", 0.2,
+        )  # fmt: skip
+        outcomes = send_feedback(url, answers.request_ids[:LOOP_LABELLED], y_test[drifted][:LOOP_LABELLED])
+        labelled_after = time.monotonic() - drift_started
+        assert outcomes == {"created": LOOP_LABELLED}, outcomes
+        assert prediction_log_database.count(labelled=True) == LOOP_LABELLED
+
+        def policy_run() -> dict[str, Any] | None:
+            runs = platform.get("trainingruns", "-l", f"{POLICY_LABEL}={LOOP_POLICY}")["items"]
+            return runs[0] if runs else None
+
+        try:
+            run = wait_until(policy_run, 300, "the drift alert to create a TrainingRun", 1)
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{exc}\nPrometheus alerts: {prometheus.alerts()}\nAlertmanager:\n{alertmanager.log_tail()}"
+                f"\n{platform.diagnostics()}"
+            ) from exc
+        triggered_after = time.monotonic() - drift_started
+        drift_p = _prometheus_value(prometheus, f'mnist_drift_p_value{{{drift_job}, test="combined"}}')
+        assert _prometheus_value(prometheus, f"mnist_drift_detected{{{drift_job}}}") == 1
+        assert run["metadata"]["annotations"][TRIGGER_ANNOTATION] == f"alert:{DRIFT_ALERT}"
+        assert run["spec"]["includeFeedback"] is True
+        # The labels were in the log before the alert could fire (its `for` alone is 10 s), so the
+        # run must train on every one of them.
+        assert labelled_after < triggered_after, (labelled_after, triggered_after)
+
+        name = run["metadata"]["name"]
+        final = _final(platform, name)
+        status = final["status"]
+        decided = {"Promoted", "Rejected", "RolledBack"}
+        assert status["phase"] in decided, f"{status}\n{platform.diagnostics()}"
+        response = platform.mlflow_get("/api/2.0/mlflow/runs/get", {"run_id": status["mlflowRunId"]})
+        assert response.status_code == 200, response.text
+        mlflow_run = response.json()["run"]
+        params = {item["key"]: item["value"] for item in mlflow_run["data"]["params"]}
+        assert params["feedback_samples"] == str(LOOP_LABELLED), params
+        assert int(params["train_samples"]) == int(params["mnist_train_samples"]) + LOOP_LABELLED, params
+        response = platform.mlflow_get(
+            "/api/2.0/mlflow/model-versions/get", {"name": MODEL, "version": str(status["modelVersion"])}
+        )
+        assert response.status_code == 200, response.text
+        model_version = response.json()["model_version"]
+        tags = {item["key"]: item["value"] for item in model_version.get("tags", [])}
+        # The version says what it learned from, and the gate's decision, whichever way it went.
+        assert tags.get("feedback_samples") == str(LOOP_LABELLED), tags
+        assert tags.get("promotion_reason"), tags
+        if status["phase"] == "Promoted":
+            platform.rollout_status(f"{RELEASE}-serving", timeout=300)
+            assert platform.serving_model_uri() == f"models:/{MODEL}/{status['modelVersion']}"
+        assert "401" not in alertmanager.log_tail(), alertmanager.log_tail()
+        print(
+            f"\nloop on the real node: quiet window p={quiet_p}; drifted window p={drift_p}; "
+            f"{LOOP_LABELLED} labels in {labelled_after:.1f} s; TrainingRun {name} created "
+            f"{triggered_after:.1f} s after the first drifted request; {status['phase']}: "
+            f"{tags.get('promotion_reason')}"
+        )
+    finally:
+        platform.kubectl("delete", "retrainingpolicy", LOOP_POLICY, "--ignore-not-found")
+        prometheus.stop()
+        alertmanager.stop()
+
+
 def test_helm_upgrade_to_a_newer_mlflow_migrates_its_database(
     platform: Platform, trained: dict[str, dict[str, Any]]
 ) -> None:
@@ -893,7 +1126,7 @@ def test_helm_upgrade_to_a_newer_mlflow_migrates_its_database(
         "upgrade", RELEASE, str(CHART), "--reuse-values",
         "--set", f"mlflow.image.repository={repository}", "--set", f"mlflow.image.tag={tag}",
     )  # fmt: skip
-    platform.rollout_status(f"{RELEASE}-mlflow", timeout=300)
+    platform.mlflow_rolled_out()
     pod = platform.get("pods", "-l", "app.kubernetes.io/component=mlflow")["items"][0]
     assert pod["spec"]["containers"][0]["image"].endswith(tag)
     init = pod["spec"].get("initContainers") or []
