@@ -424,7 +424,12 @@ def train(
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.set_experiment(spec.experiment)
     tags = _run_tags(options)
-    with mlflow.start_run(run_name=options.run_name, tags=tags) as run:
+    # The experiment by id, not the fluent "active" one: when two runs create a new experiment at once,
+    # set_experiment's loser returns it without making it active (MLflow 3.x), and its run would land
+    # in the Default experiment (seen with the seed runs applied together).
+    with mlflow.start_run(
+        run_name=options.run_name, tags=tags, experiment_id=experiment.experiment_id
+    ) as run:
         model = _compiled_model(spec, len(dataset.train), strategy)
         params = _run_params(spec, dataset, model.count_params())
         if worker.distributed:
